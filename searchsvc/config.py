@@ -1,0 +1,241 @@
+"""The one configuration object of searchsvc.
+
+Values come from, in increasing priority: built-in defaults, an optional TOML file
+(``SEARCHSVC_CONFIG`` or ``$SEARCHSVC_HOME/searchsvc.toml``), then ``SEARCHSVC_*``
+environment variables. Every value is validated once, at start, and an error names the
+setting (``SEARCHSVC_BATCH_SIZE``) and the reason.
+
+Embedded defaults need no server: SQLite and the Qdrant store live under ``home`` and tasks
+run in-process. Setting ``database_url``, ``qdrant_url`` and ``broker_url`` moves the same
+code to PostgreSQL, a Qdrant server and Celery worker pools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from searchsvc.errors import ConfigError
+
+ENV_PREFIX = "SEARCHSVC_"
+Device = Literal["auto", "cpu", "cuda"]
+IndexWriter = Literal["auto", "coordinator", "worker"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "Device": get_args(Device),
+    "IndexWriter": get_args(IndexWriter),
+    "Precision": get_args(Precision),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Construct with :func:`load_settings`, not directly."""
+
+    home: Path = Path(".searchsvc")
+    """Holds the embedded SQLite DB, the embedded Qdrant store, model files and media."""
+    database_url: str = ""
+    """SQLAlchemy URL; empty means SQLite at ``home/searchsvc.db``."""
+    qdrant_url: str = ""
+    """Qdrant server URL (http://host:6333); empty means the embedded store at ``home/qdrant``."""
+    qdrant_api_key: str = ""
+    broker_url: str = ""
+    """Celery broker (redis://...); empty means tasks run in-process."""
+    result_backend_url: str = ""
+    """Celery result backend; empty means the broker URL."""
+    media_root: Path | None = None
+    """Content-addressed preprocessed pixels for the reranker; default ``home/media``."""
+    collection_alias: str = "images"
+    embedder_profile: str = "small"
+    embedder_weights: Path | None = None
+    """A safetensors file for the first embedder version; none means the profile's own start."""
+    device: Device = "auto"
+    precision: Precision = "auto"
+    """Autocast dtype: ``auto`` = bf16/fp16 on CUDA, exact fp32 on the CPU."""
+    batch_size: int = 64
+    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 50 * 1024 * 1024
+    top_k: int = 20
+    rerank: bool = True
+    rerank_top_n: int = 5
+    rerank_timeout_s: float = 2.0
+    index_writer: IndexWriter = "auto"
+    """Who writes vectors: the ingest coordinator (required for an embedded store, which one
+    process may open) or the workers (a Qdrant server). ``auto`` picks by ``qdrant_url``."""
+    seed: int = 0
+    config_file: Path | None = field(default=None, compare=False)
+
+    # Derived locations: one place decides where each thing lives.
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'searchsvc.db').resolve()}"
+
+    @property
+    def qdrant_path(self) -> Path:
+        return self.home / "qdrant"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def media_dir(self) -> Path:
+        return self.media_root if self.media_root is not None else self.home / "media"
+
+    @property
+    def query_images_dir(self) -> Path:
+        return self.home / "queries"
+
+    @property
+    def workers_write_index(self) -> bool:
+        if self.index_writer == "auto":
+            return bool(self.qdrant_url)
+        return self.index_writer == "worker"
+
+    def describe(self) -> dict[str, str]:
+        """Where data lives, for ``searchsvc status`` (secrets left out)."""
+        return {
+            "home": str(self.home.resolve()),
+            "database": _redact(self.sqlalchemy_url),
+            "qdrant": self.qdrant_url or f"embedded:{self.qdrant_path.resolve()}",
+            "broker": _redact(self.broker_url) or "in-process",
+            "media": str(self.media_dir.resolve()),
+            "config_file": str(self.config_file) if self.config_file else "",
+        }
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL (``user:secret@host`` -> ``user:***@host``)."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return f"{scheme}://{creds}@{host}"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "config_file"}
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    """Turn a raw TOML or environment value into the field's type, or raise ConfigError."""
+    where = f"{_env_name(name)}" if source == "env" else f"{source}: '{name}'"
+    annotation = _FIELDS[name].type
+    text = raw.strip() if isinstance(raw, str) else raw
+    try:
+        if annotation == "Path":
+            return Path(str(text)).expanduser()
+        if annotation == "Path | None":
+            return Path(str(text)).expanduser() if str(text) else None
+        if annotation == "bool":
+            if isinstance(text, bool):
+                return text
+            lowered = str(text).lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true or false")
+        if annotation == "int":
+            if isinstance(text, bool):
+                raise ValueError("expected an integer")
+            return int(text)
+        if annotation == "float":
+            if isinstance(text, bool):
+                raise ValueError("expected a number")
+            return float(text)
+        if annotation in _CHOICES:
+            choices = _CHOICES[annotation]
+            if text not in choices:
+                raise ValueError(f"expected one of {', '.join(choices)}")
+            return text
+        if not isinstance(text, str):
+            raise ValueError("expected a string")
+        return text
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid value {raw!r} ({exc})") from None
+
+
+def _validate(settings: Settings) -> None:
+    def fail(name: str, reason: str) -> None:
+        value = getattr(settings, name)
+        raise ConfigError(f"{_env_name(name)}: {reason}, got {value!r}")
+
+    for name in ("batch_size", "max_image_pixels", "max_image_bytes", "top_k"):
+        if getattr(settings, name) <= 0:
+            fail(name, "must be a positive integer")
+    if settings.rerank_top_n < 2:
+        fail("rerank_top_n", "must be greater than 1 (STIR reorders at least two candidates)")
+    if settings.rerank_top_n > settings.top_k:
+        fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
+    if settings.rerank_timeout_s <= 0:
+        fail("rerank_timeout_s", "must be a positive number of seconds")
+    for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):
+        value = getattr(settings, name)
+        if value and "://" not in value:
+            fail(name, "must be a URL with a scheme (for example redis://host:6379/0)")
+    if settings.broker_url and not settings.broker_url.startswith(("redis://", "rediss://")):
+        fail("broker_url", "must be a redis:// or rediss:// URL")
+    if not settings.collection_alias.replace("_", "").replace("-", "").isalnum():
+        fail("collection_alias", "must be letters, digits, '-' and '_'")
+    if settings.embedder_weights is not None and not settings.embedder_weights.is_file():
+        fail("embedder_weights", "file does not exist")
+    # Imported here: the registry imports torch, which the config module must not need.
+    from searchsvc.models.profiles import embedder_profile_names
+
+    if settings.embedder_profile not in embedder_profile_names():
+        fail("embedder_profile", f"unknown profile; known: {', '.join(embedder_profile_names())}")
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Read defaults, then the TOML file, then ``SEARCHSVC_*`` variables; validate.
+
+    ``overrides`` (already typed, from CLI options) win over everything.
+    """
+    environ = dict(os.environ if env is None else env)
+    values: dict[str, Any] = {}
+
+    home = Path(environ.get(_env_name("home"), ".searchsvc")).expanduser()
+    explicit_file = environ.get(ENV_PREFIX + "CONFIG", "")
+    config_file = Path(explicit_file).expanduser() if explicit_file else home / "searchsvc.toml"
+    if explicit_file and not config_file.is_file():
+        raise ConfigError(f"SEARCHSVC_CONFIG: file {str(config_file)!r} does not exist")
+    if config_file.is_file():
+        try:
+            table = tomllib.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
+        section = table.get("searchsvc", table)
+        for key, raw in section.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{config_file}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw, str(config_file))
+    else:
+        config_file = None  # type: ignore[assignment]
+
+    known_env = {_env_name(name): name for name in _FIELDS}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        if key.startswith(ENV_PREFIX + "TEST_"):
+            continue  # test-suite switches, not settings
+        if key not in known_env:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known_env))})")
+        values[known_env[key]] = _coerce(known_env[key], raw, "env")
+
+    values.update(overrides or {})
+    settings = Settings(**values, config_file=config_file)
+    _validate(settings)
+    return settings

@@ -1,0 +1,79 @@
+"""Named embedder profiles: which timm architecture, at which input size.
+
+Torch-free on purpose, so that configuration can be validated without importing torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """Everything needed to rebuild an embedder's network (its weights live in a file)."""
+
+    timm_name: str
+    input_size: int
+    timm_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    hub_pretrained: bool = False
+    """True: without a weights file, timm fetches the profile's pretrained weights."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "timm_name": self.timm_name,
+            "input_size": self.input_size,
+            "timm_kwargs": dict(self.timm_kwargs),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "hub_pretrained": self.hub_pretrained,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EmbedderSpec:
+        return cls(
+            timm_name=str(data["timm_name"]),
+            input_size=int(data["input_size"]),
+            timm_kwargs=dict(data.get("timm_kwargs", {})),
+            mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
+            hub_pretrained=bool(data.get("hub_pretrained", False)),
+        )
+
+
+PROFILES: Mapping[str, EmbedderSpec] = MappingProxyType(
+    {
+        # A ViT small enough to train and serve on a laptop CPU: 32x32 input, 4x4 patches
+        # (64 tokens), width 128, depth 6. Sized for Fashion-MNIST-like catalogs and tests.
+        "small": EmbedderSpec(
+            timm_name="vit_small_patch16_224",
+            input_size=32,
+            timm_kwargs={
+                "img_size": 32,
+                "patch_size": 4,
+                "embed_dim": 128,
+                "depth": 6,
+                "num_heads": 4,
+            },
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+        # The production default: DINO ViT-S/16, 384-d, as in the STIR paper.
+        "vit_s16": EmbedderSpec(
+            timm_name="vit_small_patch16_224.dino",
+            input_size=224,
+            hub_pretrained=True,
+        ),
+    }
+)
+
+
+def embedder_profile_names() -> list[str]:
+    return sorted(PROFILES)
