@@ -1,0 +1,5 @@
+"""Alembic migrations of the searchsvc metadata schema (:mod:`searchsvc.db.models`).
+
+:class:`searchsvc.db.Database` runs them programmatically (``script_location`` is this
+package's directory); ``alembic -c alembic.ini ...`` in a checkout runs the same ``env.py``.
+"""

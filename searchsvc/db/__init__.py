@@ -1,0 +1,35 @@
+"""Metadata database: the ORM schema (:mod:`searchsvc.db.models`) and :class:`Database`."""
+
+from searchsvc.db.models import (
+    NAMING_CONVENTION,
+    Base,
+    Feedback,
+    Image,
+    ImageStatus,
+    IngestRun,
+    ModelKind,
+    ModelVersion,
+    Product,
+    QueryLog,
+    UTCDateTime,
+    utcnow,
+)
+from searchsvc.db.session import Database, normalize_url, redact_url
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "Base",
+    "Database",
+    "Feedback",
+    "Image",
+    "ImageStatus",
+    "IngestRun",
+    "ModelKind",
+    "ModelVersion",
+    "Product",
+    "QueryLog",
+    "UTCDateTime",
+    "normalize_url",
+    "redact_url",
+    "utcnow",
+]
