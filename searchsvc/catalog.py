@@ -222,9 +222,7 @@ def iter_images(root: Path) -> Iterator[CatalogImage | CatalogProblem]:
             yield from _iter_product_folder(entry.name, Path(entry.path))
 
 
-def _iter_product_folder(
-    product_id: str, folder: Path
-) -> Iterator[CatalogImage | CatalogProblem]:
+def _iter_product_folder(product_id: str, folder: Path) -> Iterator[CatalogImage | CatalogProblem]:
     try:
         names = sorted(os.listdir(folder))
     except OSError as exc:

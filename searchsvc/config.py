@@ -13,6 +13,7 @@ code to PostgreSQL, a Qdrant server and Celery worker pools.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -102,7 +103,7 @@ class Settings:
         return {
             "home": str(self.home.resolve()),
             "database": _redact(self.sqlalchemy_url),
-            "qdrant": self.qdrant_url or f"embedded:{self.qdrant_path.resolve()}",
+            "qdrant": _redact(self.qdrant_url) or f"embedded:{self.qdrant_path.resolve()}",
             "broker": _redact(self.broker_url) or "in-process",
             "media": str(self.media_dir.resolve()),
             "config_file": str(self.config_file) if self.config_file else "",
@@ -147,7 +148,7 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
                 return False
             raise ValueError("expected true or false")
         if annotation == "int":
-            if isinstance(text, bool):
+            if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
                 raise ValueError("expected an integer")
             return int(text)
         if annotation == "float":
@@ -169,6 +170,8 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
 def _validate(settings: Settings) -> None:
     def fail(name: str, reason: str) -> None:
         value = getattr(settings, name)
+        if isinstance(value, str):
+            value = _redact(value)  # an error message must not carry a URL's password
         raise ConfigError(f"{_env_name(name)}: {reason}, got {value!r}")
 
     for name in ("batch_size", "max_image_pixels", "max_image_bytes", "top_k"):
@@ -178,8 +181,8 @@ def _validate(settings: Settings) -> None:
         fail("rerank_top_n", "must be greater than 1 (STIR reorders at least two candidates)")
     if settings.rerank_top_n > settings.top_k:
         fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
-    if settings.rerank_timeout_s <= 0:
-        fail("rerank_timeout_s", "must be a positive number of seconds")
+    if not math.isfinite(settings.rerank_timeout_s) or settings.rerank_timeout_s <= 0:
+        fail("rerank_timeout_s", "must be a positive, finite number of seconds")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):
         value = getattr(settings, name)
         if value and "://" not in value:
@@ -218,6 +221,8 @@ def load_settings(
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{config_file}: not valid TOML ({exc})") from None
         section = table.get("searchsvc", table)
+        if not isinstance(section, dict):
+            raise ConfigError(f"{config_file}: 'searchsvc' must be a table ([searchsvc])")
         for key, raw in section.items():
             if key not in _FIELDS:
                 raise ConfigError(f"{config_file}: unknown setting {key!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def content_hash(data: bytes) -> str:
 def read_image_bytes(path: Path, max_bytes: int) -> bytes:
     """Read a file, refusing one larger than ``max_bytes`` before reading it."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError  # before the size checks: a folder's size means nothing
+        size = info.st_size
         if size > max_bytes:
             raise ImageError(str(path), f"file is {size} bytes, over the limit of {max_bytes}")
         if size == 0:
@@ -85,8 +89,8 @@ def decode_image(
         if min_side is not None and image.format in {"JPEG", "MPO"}:
             image.draft("RGB", (min_side, min_side))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image, source), (width, height)
+        oriented: Image.Image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(oriented, source), (width, height)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -49,7 +49,7 @@ class EmbeddingNet(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = create_backbone(spec, pretrained=pretrained)
-        self.dim = int(getattr(self.backbone, "num_features"))
+        self.dim: int = self.backbone.num_features  # type: ignore[assignment]
         self.bn = nn.BatchNorm1d(self.dim, affine=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -64,9 +64,13 @@ def new_embedding_net(
     torch.manual_seed(seed)  # the random parts (or the whole net) are reproducible
     net = EmbeddingNet(spec, pretrained=spec.hub_pretrained and weights is None)
     if weights is not None:
-        state, _ = load_checkpoint(weights) if weights.with_suffix(".json").exists() else (
-            _load_bare_safetensors(weights),
-            {},
+        state, _ = (
+            load_checkpoint(weights)
+            if weights.with_suffix(".json").exists()
+            else (
+                _load_bare_safetensors(weights),
+                {},
+            )
         )
         _load_backbone_state(net, state, weights)
     return net
@@ -106,9 +110,7 @@ def load_embedding_net(path: Path) -> EmbeddingNet:
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: malformed embedder config ({exc})") from None
     # Weights come from the file: never fetch the hub's here.
-    net = EmbeddingNet(
-        EmbedderSpec(**{**spec.__dict__, "hub_pretrained": False}), pretrained=False
-    )
+    net = EmbeddingNet(EmbedderSpec(**{**spec.__dict__, "hub_pretrained": False}), pretrained=False)
     _load_backbone_state(net, state, path)
     return net
 

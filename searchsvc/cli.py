@@ -1,0 +1,346 @@
+"""``searchsvc``: the command line. Every fatal error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from searchsvc.config import Settings, load_settings
+from searchsvc.errors import SearchsvcError
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+PROBLEMS_SHOWN = 50
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(function: F) -> F:
+    """Turn known failures into one line on stderr (no traceback) and an exit code."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except SearchsvcError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; run the same command again to finish the rest", EXIT_INTERRUPTED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    home = ctx.obj.get("home") if ctx.obj else None
+    if home is not None:
+        overrides["home"] = home
+    return load_settings(overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+def _app(settings: Settings) -> Any:
+    from searchsvc.app import App  # imports torch: only for commands that need it
+
+    return App(settings)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data folder (overrides SEARCHSVC_HOME; default ./.searchsvc).",
+)
+@click.pass_context
+def main(ctx: click.Context, home: Path | None) -> None:
+    """Image search for product catalogs: ingest product photos, query with a photo.
+
+    Settings come from SEARCHSVC_* environment variables and an optional TOML file
+    (SEARCHSVC_CONFIG, or searchsvc.toml in the home folder); see the README.
+    """
+    ctx.obj = {"home": home}
+
+
+@main.command()
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option("--sync", is_flag=True, help="Remove from the index what the catalog no longer has.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per embed task.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (summary only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+@handle_errors
+def ingest(
+    ctx: click.Context,
+    catalog: Path,
+    sync: bool,
+    batch_size: int | None,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
+    """Register CATALOG's products and images, embed new or changed images, index them.
+
+    CATALOG is a folder with one sub-folder of images per product (named by product id)
+    and an optional products.csv or products.jsonl. Re-running skips unchanged images.
+    """
+    from searchsvc.catalog import count_image_files, open_catalog
+
+    settings = _settings(ctx, batch_size=batch_size)
+    open_catalog(catalog)
+    app = _app(settings)
+    try:
+        progress = None
+        bar = None
+        if not no_progress and not as_json:
+            from tqdm import tqdm
+
+            bar = tqdm(total=count_image_files(catalog), unit="img", desc="ingest", file=sys.stderr)
+
+            def progress(done: int, failed: int) -> None:
+                assert bar is not None
+                bar.update(done - bar.n)
+                bar.set_postfix(failed=failed, refresh=False)
+
+        try:
+            summary = app.ingest(catalog, sync=sync, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        app.close()
+
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "run_id": summary.run_id,
+                    **summary.counts(),
+                    "problems": [{"item": p.item, "reason": p.reason} for p in summary.problems],
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(
+        f"ingest run {summary.run_id}: {summary.images_seen} images of "
+        f"{summary.products_seen} products in {summary.seconds:.1f} s"
+    )
+    click.echo(
+        f"  new {summary.images_new}, changed {summary.images_changed}, "
+        f"unchanged {summary.images_unchanged}, embedded {summary.images_embedded}, "
+        f"failed {summary.images_failed}, removed {summary.images_removed}"
+    )
+    if summary.problem_count:
+        click.echo(f"  {summary.problem_count} problems:")
+        for problem in summary.problems[:PROBLEMS_SHOWN]:
+            click.echo(f"    {problem.item}: {problem.reason}")
+        if summary.problem_count > PROBLEMS_SHOWN:
+            click.echo(f"    ... and {summary.problem_count - PROBLEMS_SHOWN} more")
+
+
+def _parse_filters(values: tuple[str, ...]) -> dict[str, str]:
+    filters: dict[str, str] = {}
+    for value in values:
+        key, sep, wanted = value.partition("=")
+        if not sep or not key or not wanted:
+            raise SearchsvcError(f"--filter {value!r}: expected FIELD=VALUE, e.g. category=shoes")
+        if key not in {"category", "product_id"}:
+            raise SearchsvcError(f"--filter {value!r}: can filter on category or product_id")
+        filters[key] = wanted
+    return filters
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), help="Products to return (SEARCHSVC_TOP_K).")
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Only products whose FIELD equals VALUE (category or product_id); repeatable.",
+)
+@click.option("--no-rerank", is_flag=True, help="Return the first-stage ranking.")
+@click.option(
+    "--rerank-top-n",
+    type=click.IntRange(min=2),
+    help="How many first-stage results the reranker re-sorts (SEARCHSVC_RERANK_TOP_N).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def query(
+    ctx: click.Context,
+    image: Path,
+    top_k: int | None,
+    filters: tuple[str, ...],
+    no_rerank: bool,
+    rerank_top_n: int | None,
+    as_json: bool,
+) -> None:
+    """Find the products that match the photo IMAGE, best first."""
+    from searchsvc.images import read_image_bytes
+
+    settings = _settings(ctx)
+    wanted = _parse_filters(filters)
+    data = read_image_bytes(image, settings.max_image_bytes)
+    app = _app(settings)
+    try:
+        response = app.search_service().query(
+            data,
+            str(image),
+            top_k=top_k,
+            filters=wanted,
+            rerank=False if no_rerank else None,
+            rerank_top_n=rerank_top_n,
+        )
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(response.to_json(), indent=2))
+        return
+    rerank_note = (
+        f"reranked by {response.reranker}"
+        if response.reranked
+        else f"not reranked ({response.rerank_reason})"
+    )
+    click.echo(f"query {response.query_id}  embedder v{response.embedder_version}, {rerank_note}")
+    if not response.results:
+        click.echo("  no matching products")
+    else:
+        click.echo(
+            f"  {'#':>3}  {'product':<20} {'score':>7} {'1st':>4} {'stir':>7}  title [category]"
+        )
+    for r in response.results:
+        stir = "-" if r.stir_score is None else f"{r.stir_score:.4f}"
+        label = r.title or ""
+        if r.category:
+            label += f" [{r.category}]"
+        click.echo(
+            f"  {r.rank:>3}  {r.product_id:<20} {r.score:>7.4f} {r.first_stage_rank:>4} "
+            f"{stir:>7}  {label}"
+        )
+    t = response.timings_ms
+    click.echo(
+        f"  time: decode+embed {t['decode_embed']:.1f} ms | vector search "
+        f"{t['vector_search']:.1f} ms | rerank {t['rerank']:.1f} ms | total {t['total']:.1f} ms"
+    )
+    click.echo(f"  feedback: searchsvc feedback {response.query_id} PRODUCT_ID [--negative]")
+
+
+@main.command()
+@click.argument("query_id")
+@click.argument("product_id")
+@click.option("--negative", is_flag=True, help="The product was a wrong answer for this query.")
+@click.pass_context
+@handle_errors
+def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool) -> None:
+    """Record that PRODUCT_ID was the right (or, with --negative, a wrong) answer to QUERY_ID."""
+    from searchsvc.db import Database
+    from searchsvc.search import record_feedback
+
+    settings = _settings(ctx)
+    db = Database(settings.sqlalchemy_url)
+    try:
+        feedback_id = record_feedback(db, query_id, product_id, positive=not negative)
+    finally:
+        db.dispose()
+    kind = "negative" if negative else "positive"
+    click.echo(f"feedback {feedback_id}: {kind} for product {product_id} on query {query_id}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Products, images by status, indexed points, active models, where data lives."""
+    settings = _settings(ctx)
+    app = _app(settings)
+    try:
+        report = app.status()
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"products: {report['products']}")
+    images = report["images"]
+    click.echo(
+        "images: "
+        + (", ".join(f"{name} {count}" for name, count in sorted(images.items())) or "none")
+    )
+    click.echo(f"indexed points: {report['indexed_points']} (collection {report['collection']})")
+    for model in report["active_models"]:
+        click.echo(f"active {model['kind']}: v{model['id']} {model['arch']} ({model['file']})")
+    for name, where in report["locations"].items():
+        if where:
+            click.echo(f"{name}: {where}")
+
+
+@main.command("demo-catalog")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--products", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--views", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_context
+@handle_errors
+def demo_catalog(ctx: click.Context, out: Path, products: int, views: int, seed: int) -> None:
+    """Write a demo catalog of real Fashion-MNIST articles to OUT/catalog, with held-out
+    query photos in OUT/queries (each photo a seeded camera change of the article)."""
+    from searchsvc.datasets import write_demo_catalog
+
+    settings = _settings(ctx)
+    catalog, queries = write_demo_catalog(
+        out, products=products, views=views, seed=seed, cache_dir=settings.home / "datasets"
+    )
+    click.echo(f"catalog: {catalog} ({products} products x {views} photos)")
+    click.echo(f"queries: {queries}")
+
+
+@main.group()
+def db() -> None:
+    """The metadata database's schema (Alembic migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+@handle_errors
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Migrate the database to REVISION (also done automatically on first use)."""
+    from searchsvc.db import Database
+
+    settings = _settings(ctx)
+    database = Database(settings.sqlalchemy_url, auto_migrate=False)
+    try:
+        database.upgrade(revision)
+        click.echo(f"database at revision {database.current_revision()}")
+    finally:
+        database.dispose()
+
+
+@db.command("current")
+@click.pass_context
+@handle_errors
+def db_current(ctx: click.Context) -> None:
+    """Print the database's current migration revision."""
+    from searchsvc.db import Database
+
+    settings = _settings(ctx)
+    database = Database(settings.sqlalchemy_url, auto_migrate=False)
+    try:
+        click.echo(database.current_revision() or "none (empty database)")
+    finally:
+        database.dispose()
+
+
+if __name__ == "__main__":
+    main()

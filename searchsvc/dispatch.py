@@ -1,0 +1,132 @@
+"""How work reaches the task functions: in this process, or through Celery by task name.
+
+``searchsvc`` never imports ``workers``: the Celery dispatcher sends tasks by their names
+(``searchsvc.tasks.EMBED_TASK`` ...), which the worker package registers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from searchsvc.errors import BrokerError, SearchsvcError
+
+Payload = dict[str, Any]
+TaskFunction = Callable[[Payload], Payload]
+
+EMBED_QUEUE = "embed"
+RERANK_QUEUE = "rerank"
+
+
+class TaskFailed(SearchsvcError):
+    """The task ran and raised; the message is the task's own error."""
+
+
+class TaskHandle(Protocol):
+    def result(self, timeout: float | None = None) -> Payload:
+        """The task's result; raises TimeoutError after ``timeout`` s, TaskFailed on failure."""
+
+
+class Dispatcher(Protocol):
+    def submit(self, task_name: str, payload: Payload, *, queue: str) -> TaskHandle: ...
+
+    def close(self) -> None: ...
+
+
+class _FutureHandle:
+    def __init__(self, future: concurrent.futures.Future[Payload]) -> None:
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> Payload:
+        try:
+            return self._future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"task did not finish within {timeout} s") from None
+        except SearchsvcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any task failure is reported the same way
+            raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+class InProcessDispatcher:
+    """Runs task functions on a background thread of this process.
+
+    One thread per queue: a queue's tasks run in order, and the caller can prepare the next
+    batch while the current one embeds (torch releases the GIL while it computes).
+    """
+
+    def __init__(self, tasks: dict[str, TaskFunction]) -> None:
+        self._tasks = tasks
+        self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+
+    def submit(self, task_name: str, payload: Payload, *, queue: str) -> TaskHandle:
+        function = self._tasks[task_name]
+        executor = self._executors.get(queue)
+        if executor is None:
+            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=queue)
+            self._executors[queue] = executor
+        return _FutureHandle(executor.submit(function, payload))
+
+    def close(self) -> None:
+        for executor in self._executors.values():
+            executor.shutdown(wait=True, cancel_futures=True)
+        self._executors.clear()
+
+
+class _CeleryHandle:
+    def __init__(self, async_result: Any) -> None:
+        self._async_result = async_result
+
+    def result(self, timeout: float | None = None) -> Payload:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        try:
+            value = self._async_result.get(timeout=timeout, propagate=True)
+        except CeleryTimeout:
+            raise TimeoutError(f"task did not finish within {timeout} s") from None
+        except SearchsvcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the worker's exception, re-raised by Celery
+            raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(value, dict):
+            raise TaskFailed(f"task returned {type(value).__name__}, expected a JSON object")
+        return value
+
+
+class CeleryDispatcher:
+    """Sends tasks by name to Celery worker pools on Redis (JSON only)."""
+
+    def __init__(self, broker_url: str, backend_url: str = "") -> None:
+        from celery import Celery
+
+        self.broker_url = broker_url
+        self.app = Celery("searchsvc-client", broker=broker_url, backend=backend_url or broker_url)
+        self.app.conf.update(
+            task_serializer="json",
+            result_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=False,
+            broker_connection_max_retries=1,
+            broker_transport_options={"max_retries": 1, "socket_connect_timeout": 3},
+            redis_socket_connect_timeout=3,
+            result_extended=False,
+        )
+
+    def check_broker(self, timeout: float = 3.0) -> None:
+        """Fail fast, with the URL, when the broker cannot be reached."""
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - kombu raises many kinds here
+            raise BrokerError(f"cannot reach the broker at {self.broker_url} ({exc})") from None
+
+    def submit(self, task_name: str, payload: Payload, *, queue: str) -> TaskHandle:
+        try:
+            result = self.app.send_task(task_name, args=[payload], queue=queue)
+        except Exception as exc:  # noqa: BLE001
+            raise BrokerError(f"cannot send {task_name} to {self.broker_url} ({exc})") from None
+        return _CeleryHandle(result)
+
+    def close(self) -> None:
+        self.app.close()

@@ -1,0 +1,493 @@
+"""The ingest coordinator: catalog -> DB rows -> embed tasks -> index points.
+
+Streams the catalog in batches (memory is bounded by the batch, not the catalog), skips
+images whose content hash is already indexed by the active embedder, and keeps a bounded
+window of embed tasks in flight, so that reading and bookkeeping overlap with embedding.
+
+Crash safety: rows are committed as ``pending`` before their task is sent, and become
+``indexed`` only after their point is written. A re-run re-sends whatever is still pending;
+point ids come from the content, so a repeated upsert overwrites instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, tuple_, update
+
+from searchsvc.catalog import (
+    CatalogImage,
+    CatalogProblem,
+    ProductRecord,
+    iter_images,
+    iter_metadata,
+    open_catalog,
+)
+from searchsvc.config import Settings
+from searchsvc.db import Database, Image, ImageStatus, IngestRun, Product
+from searchsvc.db.models import utcnow
+from searchsvc.dispatch import EMBED_QUEUE, Dispatcher, TaskHandle
+from searchsvc.errors import BrokerError, ImageError, SearchsvcError
+from searchsvc.images import content_hash, read_image_bytes
+from searchsvc.index import IndexPoint, VectorIndex, point_id_for
+from searchsvc.model_store import ActiveVersion
+from searchsvc.tasks import (
+    EMBED_TASK,
+    EmbedItem,
+    EmbedRequest,
+    EmbedResponse,
+    decode_vector,
+)
+
+MAX_PROBLEMS_KEPT = 200
+SCAN_BATCH = 512
+
+
+@dataclass
+class IngestSummary:
+    run_id: int = 0
+    products_seen: int = 0
+    products_new: int = 0
+    products_removed: int = 0
+    images_seen: int = 0
+    images_new: int = 0
+    images_changed: int = 0
+    images_unchanged: int = 0
+    images_embedded: int = 0
+    images_failed: int = 0
+    images_removed: int = 0
+    problem_count: int = 0
+    problems: list[CatalogProblem] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add_problem(self, problem: CatalogProblem) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS_KEPT:
+            self.problems.append(problem)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            name: value
+            for name, value in self.__dict__.items()
+            if isinstance(value, int | float) and name != "run_id"
+        }
+
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with (images finished so far, images failed so far)."""
+
+
+@dataclass
+class _Pending:
+    """An embed task in flight and the rows it covers."""
+
+    handle: TaskHandle
+    items: list[EmbedItem]
+    old_points: dict[int, str | None]  # image id -> point to delete once replaced
+
+
+class IngestCoordinator:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        index: VectorIndex | None,
+        dispatcher: Dispatcher,
+        embedder: ActiveVersion,
+        embedder_dim: int,
+        *,
+        max_in_flight: int = 2,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.index = index
+        self.dispatcher = dispatcher
+        self.embedder = embedder
+        self.dim = embedder_dim
+        self.max_in_flight = max_in_flight
+        self.workers_write = settings.workers_write_index
+        if not self.workers_write and index is None:
+            raise ValueError("the coordinator writes the index but was given none")
+
+    # ------------------------------------------------------------------ entry point
+    def run(
+        self, root: Path, *, sync: bool = False, progress: ProgressCallback | None = None
+    ) -> IngestSummary:
+        started = time.perf_counter()
+        root = open_catalog(root).resolve()
+        summary = IngestSummary()
+        collection = self._collection()
+        if self.index is not None:
+            self.index.ensure_collection(collection, self.dim)
+            if self.index.resolve_alias(self.settings.collection_alias) is None:
+                self.index.set_alias(self.settings.collection_alias, collection)
+
+        with self.db.session() as session:
+            run = IngestRun(catalog_path=str(root), status="running")
+            session.add(run)
+            session.flush()
+            summary.run_id = run.id
+
+        status = "failed"
+        try:
+            self._ingest_metadata(root, summary)
+            self._ingest_images(root, summary, progress)
+            if sync:
+                self._sync_removed(root, summary)
+            with self.db.session() as session:
+                summary.products_seen = int(
+                    session.scalar(
+                        select(func.count())
+                        .select_from(Product)
+                        .where(Product.last_seen_run_id == summary.run_id)
+                    )
+                    or 0
+                )
+            if self.index is not None:
+                self.index.optimize(collection)
+            status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            summary.seconds = time.perf_counter() - started
+            with self.db.session() as session:
+                session.execute(
+                    update(IngestRun)
+                    .where(IngestRun.id == summary.run_id)
+                    .values(
+                        status=status,
+                        finished_at=utcnow(),
+                        counts=summary.counts(),
+                        problems=[{"item": p.item, "reason": p.reason} for p in summary.problems],
+                    )
+                )
+        return summary
+
+    def _collection(self) -> str:
+        if not self.embedder.collection:
+            raise SearchsvcError(f"embedder version {self.embedder.id} has no collection")
+        return self.embedder.collection
+
+    # ------------------------------------------------------------------ metadata
+    def _ingest_metadata(self, root: Path, summary: IngestSummary) -> None:
+        batch: list[ProductRecord] = []
+        for record in iter_metadata(root):
+            if isinstance(record, CatalogProblem):
+                summary.add_problem(record)
+                continue
+            batch.append(record)
+            if len(batch) >= SCAN_BATCH:
+                self._upsert_products(batch, summary)
+                batch = []
+        if batch:
+            self._upsert_products(batch, summary)
+
+    def _upsert_products(self, records: Sequence[ProductRecord], summary: IngestSummary) -> None:
+        latest = {record.product_id: record for record in records}  # a later row wins
+        with self.db.session() as session:
+            existing = {
+                product.id: product
+                for product in session.scalars(select(Product).where(Product.id.in_(latest)))
+            }
+            for product_id, record in latest.items():
+                product = existing.get(product_id)
+                if product is None:
+                    product = Product(id=product_id)
+                    session.add(product)
+                    summary.products_new += 1
+                values = {
+                    "title": record.title,
+                    "category": record.category,
+                    "price": record.price,
+                    "url": record.url,
+                    "attributes": record.attributes,
+                }
+                for name, value in values.items():
+                    if getattr(product, name) != value:
+                        setattr(product, name, value)
+                product.removed = False
+                product.last_seen_run_id = summary.run_id
+
+    # ------------------------------------------------------------------ images
+    def _ingest_images(
+        self, root: Path, summary: IngestSummary, progress: ProgressCallback | None
+    ) -> None:
+        in_flight: collections.deque[_Pending] = collections.deque()
+        done = 0
+
+        def report() -> None:
+            if progress is not None:
+                progress(done, summary.images_failed)
+
+        for batch in _batched(iter_images(root), SCAN_BATCH):
+            images: list[CatalogImage] = []
+            for entry in batch:
+                if isinstance(entry, CatalogProblem):
+                    summary.add_problem(entry)
+                else:
+                    images.append(entry)
+            if not images:
+                continue
+            summary.images_seen += len(images)
+            to_embed, old_points, skipped = self._register(images, summary)
+            done += skipped
+            report()
+            for start in range(0, len(to_embed), self.settings.batch_size):
+                chunk = to_embed[start : start + self.settings.batch_size]
+                in_flight.append(self._submit(chunk, old_points))
+                while len(in_flight) >= self.max_in_flight:
+                    done += self._collect(in_flight.popleft(), summary)
+                    report()
+        while in_flight:
+            done += self._collect(in_flight.popleft(), summary)
+            report()
+
+    def _register(
+        self, images: list[CatalogImage], summary: IngestSummary
+    ) -> tuple[list[EmbedItem], dict[int, str | None], int]:
+        """Hash the batch's files and bring their rows up to date.
+
+        Returns the items to embed, the old point of each changed image, and how many
+        images needed no work (unchanged, or failed to read).
+        """
+        hashed: list[tuple[CatalogImage, str, int]] = []
+        skipped = 0
+        for image in images:
+            try:
+                data = read_image_bytes(image.path, self.settings.max_image_bytes)
+            except ImageError as exc:
+                summary.images_failed += 1
+                summary.add_problem(
+                    CatalogProblem(f"{image.product_id}/{image.filename}", exc.reason)
+                )
+                skipped += 1
+                continue
+            hashed.append((image, content_hash(data), len(data)))
+
+        to_embed: list[EmbedItem] = []
+        old_points: dict[int, str | None] = {}
+        run_id = summary.run_id
+        with self.db.session() as session:
+            product_ids = {image.product_id for image, _, _ in hashed}
+            products = {
+                p.id: p for p in session.scalars(select(Product).where(Product.id.in_(product_ids)))
+            }
+            for product_id in product_ids - products.keys():
+                products[product_id] = Product(id=product_id, attributes={})
+                session.add(products[product_id])
+                summary.products_new += 1
+            for product in products.values():
+                product.removed = False
+                product.last_seen_run_id = run_id
+
+            keys = [(image.product_id, image.filename) for image, _, _ in hashed]
+            rows = (
+                {
+                    (row.product_id, row.filename): row
+                    for row in session.scalars(
+                        select(Image).where(tuple_(Image.product_id, Image.filename).in_(keys))
+                    )
+                }
+                if keys
+                else {}
+            )
+            fresh: list[tuple[Image, CatalogImage]] = []
+            for image, digest, size in hashed:
+                row = rows.get((image.product_id, image.filename))
+                if row is None:
+                    row = Image(
+                        product_id=image.product_id,
+                        filename=image.filename,
+                        source_path=str(image.path),
+                        content_hash=digest,
+                        size_bytes=size,
+                        status=ImageStatus.PENDING,
+                        last_seen_run_id=run_id,
+                    )
+                    session.add(row)
+                    summary.images_new += 1
+                    fresh.append((row, image))
+                    continue
+                row.last_seen_run_id = run_id
+                row.source_path = str(image.path)
+                if row.content_hash != digest:
+                    summary.images_changed += 1
+                    old_points[row.id] = row.point_id
+                    row.content_hash = digest
+                    row.size_bytes = size
+                    row.status = ImageStatus.PENDING
+                    row.error = None
+                    fresh.append((row, image))
+                elif row.status == ImageStatus.FAILED:
+                    # Same bytes as the last failed attempt: it would fail the same way.
+                    summary.images_failed += 1
+                    summary.add_problem(
+                        CatalogProblem(
+                            f"{image.product_id}/{image.filename}", row.error or "failed"
+                        )
+                    )
+                    skipped += 1
+                elif (
+                    row.status == ImageStatus.INDEXED
+                    and row.embedder_version_id == self.embedder.id
+                ):
+                    summary.images_unchanged += 1
+                    skipped += 1
+                else:  # pending from an interrupted run, removed earlier, or another embedder
+                    if row.status == ImageStatus.REMOVED:
+                        summary.images_new += 1
+                    old_points[row.id] = None
+                    row.status = ImageStatus.PENDING
+                    fresh.append((row, image))
+            session.flush()  # assigns ids to new rows
+            for row, image in fresh:
+                to_embed.append(
+                    EmbedItem(
+                        image_id=row.id,
+                        product_id=row.product_id,
+                        path=str(image.path),
+                        content_hash=row.content_hash,
+                        category=products[row.product_id].category,
+                    )
+                )
+        return to_embed, old_points, skipped
+
+    def _submit(self, items: list[EmbedItem], old_points: dict[int, str | None]) -> _Pending:
+        request = EmbedRequest(
+            items=items,
+            embedder_version=self.embedder.id,
+            embedder_file=str(self.embedder.file),
+            collection=self._collection(),
+            write_index=self.workers_write,
+        )
+        handle = self.dispatcher.submit(EMBED_TASK, request.to_json(), queue=EMBED_QUEUE)
+        return _Pending(
+            handle, items, {item.image_id: old_points.get(item.image_id) for item in items}
+        )
+
+    def _collect(self, pending: _Pending, summary: IngestSummary) -> int:
+        """Wait for one embed task, write its points, and record each image's outcome."""
+        try:
+            response = EmbedResponse.from_json(pending.handle.result(timeout=None))
+        except BrokerError:
+            raise
+        except SearchsvcError as exc:
+            # The whole task failed (not one image): leave its rows pending for a re-run.
+            for item in pending.items:
+                summary.add_problem(
+                    CatalogProblem(item.path, f"embed task failed, left pending ({exc})")
+                )
+            return 0
+
+        by_id = {item.image_id: item for item in pending.items}
+        points: list[IndexPoint] = []
+        stale: list[str] = []
+        for result in response.results:
+            if result.error is None and not response.indexed_by_worker:
+                item = by_id[result.image_id]
+                assert result.vector_b64 is not None
+                points.append(
+                    IndexPoint(
+                        point_id=point_id_for(item.product_id, item.content_hash),
+                        vector=decode_vector(result.vector_b64),
+                        product_id=item.product_id,
+                        image_id=item.image_id,
+                        category=item.category,
+                    )
+                )
+            old = pending.old_points.get(result.image_id)
+            new = point_id_for(
+                by_id[result.image_id].product_id, by_id[result.image_id].content_hash
+            )
+            if old and old != new:
+                stale.append(old)
+        if self.index is not None:
+            if points:
+                self.index.upsert(self._collection(), points)
+            if stale:
+                self.index.delete(self._collection(), stale)
+
+        failed = 0
+        with self.db.session() as session:
+            rows = {
+                row.id: row for row in session.scalars(select(Image).where(Image.id.in_(by_id)))
+            }
+            for result in response.results:
+                row = rows[result.image_id]
+                item = by_id[result.image_id]
+                if row.content_hash != item.content_hash:
+                    continue  # a concurrent ingest saw a newer file; its own task will finish it
+                if result.error is None:
+                    row.status = ImageStatus.INDEXED
+                    row.error = None
+                    row.point_id = point_id_for(item.product_id, item.content_hash)
+                    row.embedder_version_id = response.embedder_version
+                    row.width, row.height = result.width, result.height
+                    summary.images_embedded += 1
+                else:
+                    row.status = ImageStatus.FAILED
+                    row.error = result.error
+                    row.point_id = None
+                    failed += 1
+                    summary.images_failed += 1
+                    summary.add_problem(
+                        CatalogProblem(f"{item.product_id}/{row.filename}", result.error)
+                    )
+        return len(response.results)
+
+    # ------------------------------------------------------------------ sync
+    def _sync_removed(self, root: Path, summary: IngestSummary) -> None:
+        """Remove from the index what this catalog no longer holds (``ingest --sync``)."""
+        prefix = str(root).rstrip("/") + "/"
+        last_id = 0
+        while True:  # keyset pagination: one pass over the images, a batch at a time
+            with self.db.session() as session:
+                rows = list(
+                    session.scalars(
+                        select(Image).where(Image.id > last_id).order_by(Image.id).limit(SCAN_BATCH)
+                    )
+                )
+                if not rows:
+                    break
+                last_id = rows[-1].id
+                gone = [
+                    row
+                    for row in rows
+                    if row.source_path.startswith(prefix)
+                    and row.status != ImageStatus.REMOVED
+                    and row.last_seen_run_id != summary.run_id
+                ]
+                point_ids = [row.point_id for row in gone if row.point_id]
+                if point_ids and self.index is not None:
+                    self.index.delete(self._collection(), point_ids)
+                for row in gone:
+                    row.status = ImageStatus.REMOVED
+                    row.point_id = None
+                summary.images_removed += len(gone)
+        with self.db.session() as session:
+            live_products = select(Image.product_id).where(Image.status != ImageStatus.REMOVED)
+            # A product with no photo left cannot be found by image search: it leaves too,
+            # even when the metadata file still lists it.
+            result = session.execute(
+                update(Product)
+                .where(Product.removed.is_(False), Product.id.not_in(live_products))
+                .values(removed=True)
+            )
+            summary.products_removed += int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,187 @@
+"""The work that tasks do, as plain functions: JSON-able request in, JSON-able result out.
+
+Celery workers (``workers/``) wrap these functions and nothing else; in embedded mode the
+in-process dispatcher calls them directly. Either way the same code runs.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from searchsvc.config import Settings
+from searchsvc.db import Database
+from searchsvc.errors import ImageError
+from searchsvc.images import content_hash, load_pixels, read_image_bytes
+from searchsvc.index import IndexPoint, VectorIndex
+from searchsvc.model_store import ActiveVersion, ModelCache
+from searchsvc.pixels import PixelStore
+
+EMBED_TASK = "searchsvc.embed_images"
+RERANK_TASK = "searchsvc.rerank"
+
+
+def encode_vector(vector: np.ndarray) -> str:
+    """float32 vector -> base64 text: exact, and 4x smaller than a JSON list of floats."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").copy()
+
+
+@dataclass(frozen=True)
+class EmbedItem:
+    image_id: int
+    product_id: str
+    path: str
+    content_hash: str
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    items: list[EmbedItem]
+    embedder_version: int
+    embedder_file: str
+    collection: str
+    write_index: bool = False
+    """True: the worker upserts the points itself (Qdrant server); False: it returns vectors
+    and the ingest coordinator writes them (an embedded store opens in one process only)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EmbedRequest:
+        return cls(
+            items=[EmbedItem(**item) for item in data["items"]],
+            embedder_version=int(data["embedder_version"]),
+            embedder_file=str(data["embedder_file"]),
+            collection=str(data["collection"]),
+            write_index=bool(data.get("write_index", False)),
+        )
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    image_id: int
+    error: str | None = None
+    vector_b64: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class EmbedResponse:
+    embedder_version: int
+    results: list[EmbedResult] = field(default_factory=list)
+    indexed_by_worker: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EmbedResponse:
+        return cls(
+            embedder_version=int(data["embedder_version"]),
+            results=[EmbedResult(**item) for item in data["results"]],
+            indexed_by_worker=bool(data.get("indexed_by_worker", False)),
+        )
+
+
+@dataclass
+class TaskContext:
+    """What a process needs to run tasks: built once per process (worker or CLI)."""
+
+    settings: Settings
+    db: Database
+    models: ModelCache
+    pixels: PixelStore
+    index_factory: Callable[[], VectorIndex] | None = None
+    _index: VectorIndex | None = None
+
+    @property
+    def index(self) -> VectorIndex:
+        if self._index is None:
+            if self.index_factory is None:
+                raise RuntimeError("this process has no vector index to write to")
+            self._index = self.index_factory()
+        return self._index
+
+
+def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
+    """Read, check, decode and embed a batch of catalog images.
+
+    Each image that cannot be used gets an error naming the file and the reason; the others
+    are embedded. The preprocessed pixels are kept for the reranker.
+    """
+    version = ActiveVersion(request.embedder_version, Path(request.embedder_file), None)
+    _, embedder = ctx.models.embedder(version)
+    size = embedder.info.input_size
+    settings = ctx.settings
+
+    ok_items: list[EmbedItem] = []
+    pixel_rows: list[np.ndarray] = []
+    results: dict[int, EmbedResult] = {}
+    for item in request.items:
+        try:
+            data = read_image_bytes(Path(item.path), settings.max_image_bytes)
+            if content_hash(data) != item.content_hash:
+                raise ImageError(item.path, "file changed since it was registered; re-run ingest")
+            pixels, (width, height) = load_pixels(
+                data, item.path, size=size, max_pixels=settings.max_image_pixels
+            )
+        except ImageError as exc:
+            results[item.image_id] = EmbedResult(item.image_id, error=exc.reason)
+            continue
+        ctx.pixels.put(item.content_hash, pixels)
+        ok_items.append(item)
+        pixel_rows.append(pixels)
+        results[item.image_id] = EmbedResult(item.image_id, width=width, height=height)
+
+    if ok_items:
+        vectors = embedder.embed(np.stack(pixel_rows), batch_size=settings.batch_size)
+        if request.write_index:
+            from searchsvc.index import point_id_for
+
+            ctx.index.upsert(
+                request.collection,
+                [
+                    IndexPoint(
+                        point_id=point_id_for(item.product_id, item.content_hash),
+                        vector=vector,
+                        product_id=item.product_id,
+                        image_id=item.image_id,
+                        category=item.category,
+                    )
+                    for item, vector in zip(ok_items, vectors, strict=True)
+                ],
+            )
+        for item, vector in zip(ok_items, vectors, strict=True):
+            done = results[item.image_id]
+            results[item.image_id] = EmbedResult(
+                item.image_id,
+                vector_b64=None if request.write_index else encode_vector(vector),
+                width=done.width,
+                height=done.height,
+            )
+    return EmbedResponse(
+        embedder_version=request.embedder_version,
+        results=[results[item.image_id] for item in request.items],
+        indexed_by_worker=request.write_index,
+    )
+
+
+def task_functions(ctx: TaskContext) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """Task name -> JSON-in/JSON-out function, for the in-process dispatcher and workers."""
+
+    def embed(payload: dict[str, Any]) -> dict[str, Any]:
+        return embed_images(EmbedRequest.from_json(payload), ctx).to_json()
+
+    return {EMBED_TASK: embed}
