@@ -1,0 +1,47 @@
+"""The Celery application: configuration and queues only (tasks are in workers.tasks).
+
+Start the pools (one process per GPU for the GPU pools):
+
+    celery -A workers.celery_app worker -Q embed  --concurrency 2 -n embed@%h
+    CUDA_VISIBLE_DEVICES=0 celery -A workers.celery_app worker -Q rerank --pool solo -n rerank0@%h
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from searchsvc.config import load_settings
+from searchsvc.dispatch import EMBED_QUEUE, RERANK_QUEUE
+from searchsvc.tasks import EMBED_TASK, RERANK_TASK
+
+settings = load_settings()
+if not settings.broker_url:
+    raise SystemExit("SEARCHSVC_BROKER_URL is not set: workers need a broker (redis://...)")
+
+app = Celery(
+    "searchsvc",
+    broker=settings.broker_url,
+    backend=settings.result_backend_url or settings.broker_url,
+    include=["workers.tasks"],
+)
+app.conf.update(
+    # JSON only: a pickle payload from the broker is refused, never executed.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    result_accept_content=["json"],
+    task_queues=(Queue(EMBED_QUEUE), Queue(RERANK_QUEUE)),
+    task_default_queue=EMBED_QUEUE,
+    task_routes={EMBED_TASK: {"queue": EMBED_QUEUE}, RERANK_TASK: {"queue": RERANK_QUEUE}},
+    # A task is acknowledged after it ran; a worker killed mid-task leaves it to another.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # One task at a time per process: GPU pools must not hoard work they cannot start.
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=300,
+    task_time_limit=360,
+    result_expires=3600,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
