@@ -95,7 +95,9 @@ def iter_metadata(root: Path) -> Iterator[ProductRecord | CatalogProblem]:
     if path is None:
         return
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark, which would otherwise
+        # stick to the first column name ("\ufeffproduct_id") and hide the header.
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             if path.suffix == ".csv":
                 yield from _iter_csv(path, handle)
             else:
@@ -154,7 +156,9 @@ def _iter_jsonl(path: Path, handle: Any) -> Iterator[ProductRecord | CatalogProb
 
 def _record(data: dict[str, Any], where: str) -> ProductRecord | CatalogProblem:
     raw_id = data.get("product_id")
-    product_id = str(raw_id) if isinstance(raw_id, str | int) else ""
+    # bool is an int: {"product_id": true} must not become the product "True".
+    is_id = isinstance(raw_id, str | int) and not isinstance(raw_id, bool)
+    product_id = str(raw_id) if is_id else ""
     problem = check_product_id(product_id)
     if problem:
         return CatalogProblem(where, problem)
@@ -187,8 +191,8 @@ def _record(data: dict[str, Any], where: str) -> ProductRecord | CatalogProblem:
 
 
 def _parse_price(raw: Any) -> float | None:
-    if raw is None or raw == "":
-        return None
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None  # an empty cell, as for the text columns
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise ValueError(f"'price' must be a number, got {raw!r}")
     try:
@@ -246,7 +250,10 @@ def count_image_files(root: Path) -> int:
     total = 0
     with os.scandir(root) as top:
         for entry in top:
+            # The same choices as iter_images, so that a progress bar ends at its total.
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=True):
+                continue
+            if check_product_id(entry.name):
                 continue
             try:
                 with os.scandir(entry.path) as files:
@@ -255,6 +262,7 @@ def count_image_files(root: Path) -> int:
                         for f in files
                         if not f.name.startswith(".")
                         and os.path.splitext(f.name)[1].lower() in IMAGE_SUFFIXES
+                        and not f.is_dir(follow_symlinks=True)
                     )
             except OSError:
                 continue

@@ -52,6 +52,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{config_file}: not a valid model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file}: not a valid model config (not a JSON object)")
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
