@@ -18,7 +18,8 @@ from searchsvc.ingest import IngestCoordinator, IngestSummary, ProgressCallback
 from searchsvc.model_store import ModelCache, ensure_active_embedder
 from searchsvc.models.embedder import embedder_dim
 from searchsvc.pixels import PixelStore
-from searchsvc.search import RerankStage, SearchService, no_rerank
+from searchsvc.reranking import StirRerankStage
+from searchsvc.search import RerankStage, SearchService
 from searchsvc.tasks import TaskContext, task_functions
 
 
@@ -80,7 +81,7 @@ class App:
             self.db,
             self.index,
             self.models,
-            rerank_stage or no_rerank("no reranker is active"),
+            rerank_stage or StirRerankStage(self.settings, self.db, lambda: self.dispatcher),
         )
 
     def status(self) -> dict[str, Any]:
@@ -131,6 +132,7 @@ class App:
         }
 
     def close(self) -> None:
+        self.models.close()
         if self._dispatcher is not None:
             self._dispatcher.close()
         if self._index is not None:

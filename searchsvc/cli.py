@@ -306,6 +306,111 @@ def demo_catalog(ctx: click.Context, out: Path, products: int, views: int, seed:
 
 
 @main.group()
+def model() -> None:
+    """Model versions: list them, add a reranker file, choose the active reranker."""
+
+
+@model.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def model_list(ctx: click.Context, as_json: bool) -> None:
+    """Every model version, newest first."""
+    from sqlalchemy import select
+
+    from searchsvc.db import Database, ModelVersion
+
+    database = Database(_settings(ctx).sqlalchemy_url)
+    try:
+        with database.session() as session:
+            rows = [
+                {
+                    "id": row.id,
+                    "kind": row.kind.value,
+                    "arch": row.arch,
+                    "active": row.active,
+                    "file": row.file,
+                    "metrics": row.metrics,
+                    "notes": row.notes,
+                }
+                for row in session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc()))
+            ]
+    finally:
+        database.dispose()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        flag = "*" if row["active"] else " "
+        click.echo(f"{flag} v{row['id']:<4} {row['kind']:<9} {row['arch']:<40} {row['file']}")
+
+
+@model.command("add")
+@click.argument("kind", type=click.Choice(["stir"]))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--activate", is_flag=True, help="Serve it from now on.")
+@click.option("--notes", help="Free text kept with the version.")
+@click.pass_context
+@handle_errors
+def model_add(ctx: click.Context, kind: str, file: Path, activate: bool, notes: str | None) -> None:
+    """Register a model FILE (safetensors, its JSON config beside it) as a new version.
+
+    Embedders enter through the retrain, which fills their collection before the switch."""
+    from searchsvc.db import Database, ModelKind
+    from searchsvc.model_store import register_version
+
+    settings = _settings(ctx)
+    database = Database(settings.sqlalchemy_url)
+    try:
+        version = register_version(
+            database, settings, ModelKind(kind), file, activate=activate, notes=notes
+        )
+    finally:
+        database.dispose()
+    click.echo(f"{kind} version {version} registered" + (" and active" if activate else ""))
+
+
+@model.command("activate")
+@click.argument("version", type=int)
+@click.pass_context
+@handle_errors
+def model_activate(ctx: click.Context, version: int) -> None:
+    """Make reranker VERSION the active one (no restart: workers reload it)."""
+    from searchsvc.db import Database, ModelKind, ModelVersion
+    from searchsvc.model_store import activate_version
+
+    database = Database(_settings(ctx).sqlalchemy_url)
+    try:
+        with database.session() as session:
+            row = session.get(ModelVersion, version)
+            if row is not None and row.kind != ModelKind.STIR:
+                raise SearchsvcError(
+                    f"model version {version} is an embedder: embedders are switched by the "
+                    "retrain, which re-embeds the catalog first"
+                )
+        activate_version(database, version)
+    finally:
+        database.dispose()
+    click.echo(f"version {version} is active")
+
+
+@model.command("deactivate-reranker")
+@click.pass_context
+@handle_errors
+def model_deactivate(ctx: click.Context) -> None:
+    """Serve queries by the first stage alone until a reranker is activated again."""
+    from searchsvc.db import Database, ModelKind
+    from searchsvc.model_store import deactivate_kind
+
+    database = Database(_settings(ctx).sqlalchemy_url)
+    try:
+        deactivate_kind(database, ModelKind.STIR)
+    finally:
+        database.dispose()
+    click.echo("no reranker is active")
+
+
+@main.group()
 def db() -> None:
     """The metadata database's schema (Alembic migrations)."""
 

@@ -65,6 +65,10 @@ class Settings:
     rerank: bool = True
     rerank_top_n: int = 5
     rerank_timeout_s: float = 2.0
+    rerank_max_batch_pairs: int = 256
+    """Pairs one STIR forward may hold when requests are batched across queries."""
+    rerank_batch_wait_ms: float = 5.0
+    """How long a rerank worker waits for other requests to join a batch."""
     index_writer: IndexWriter = "auto"
     """Who writes vectors: the ingest coordinator (required for an embedded store, which one
     process may open) or the workers (a Qdrant server). ``auto`` picks by ``qdrant_url``."""
@@ -174,7 +178,13 @@ def _validate(settings: Settings) -> None:
             value = _redact(value)  # an error message must not carry a URL's password
         raise ConfigError(f"{_env_name(name)}: {reason}, got {value!r}")
 
-    for name in ("batch_size", "max_image_pixels", "max_image_bytes", "top_k"):
+    for name in (
+        "batch_size",
+        "max_image_pixels",
+        "max_image_bytes",
+        "top_k",
+        "rerank_max_batch_pairs",
+    ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")
     if settings.rerank_top_n < 2:

@@ -29,7 +29,10 @@ class TaskHandle(Protocol):
 
 
 class Dispatcher(Protocol):
-    def submit(self, task_name: str, payload: Payload, *, queue: str) -> TaskHandle: ...
+    def submit(
+        self, task_name: str, payload: Payload, *, queue: str, expires_s: float | None = None
+    ) -> TaskHandle:
+        """Queue a task; ``expires_s``: a task not started by then is dropped, not run late."""
 
     def close(self) -> None: ...
 
@@ -60,7 +63,9 @@ class InProcessDispatcher:
         self._tasks = tasks
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
-    def submit(self, task_name: str, payload: Payload, *, queue: str) -> TaskHandle:
+    def submit(
+        self, task_name: str, payload: Payload, *, queue: str, expires_s: float | None = None
+    ) -> TaskHandle:
         function = self._tasks[task_name]
         executor = self._executors.get(queue)
         if executor is None:
@@ -121,9 +126,11 @@ class CeleryDispatcher:
         except Exception as exc:  # noqa: BLE001 - kombu raises many kinds here
             raise BrokerError(f"cannot reach the broker at {self.broker_url} ({exc})") from None
 
-    def submit(self, task_name: str, payload: Payload, *, queue: str) -> TaskHandle:
+    def submit(
+        self, task_name: str, payload: Payload, *, queue: str, expires_s: float | None = None
+    ) -> TaskHandle:
         try:
-            result = self.app.send_task(task_name, args=[payload], queue=queue)
+            result = self.app.send_task(task_name, args=[payload], queue=queue, expires=expires_s)
         except Exception as exc:  # noqa: BLE001
             raise BrokerError(f"cannot send {task_name} to {self.broker_url} ({exc})") from None
         return _CeleryHandle(result)

@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+from PIL import Image as PILImage
 from sqlalchemy import select
 
 from searchsvc.config import Settings
 from searchsvc.db import Database, Feedback, Image, ModelKind, ModelVersion, Product, QueryLog
 from searchsvc.errors import NotFoundError, SearchsvcError
-from searchsvc.images import content_hash, load_pixels
+from searchsvc.images import content_hash, decode_image, resize_center_crop
 from searchsvc.index import SearchHit, VectorIndex
 from searchsvc.model_store import ActiveVersion, ModelCache
 
@@ -50,14 +52,28 @@ class RerankOutcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+class QueryImage:
+    """The decoded query photo; model inputs of any size are cut from it once each."""
+
+    def __init__(self, image: PILImage.Image, content_hash: str) -> None:
+        self.image = image
+        self.content_hash = content_hash
+        self._pixels: dict[int, np.ndarray] = {}
+
+    def pixels(self, size: int) -> np.ndarray:
+        if size not in self._pixels:
+            self._pixels[size] = resize_center_crop(self.image, size)
+        return self._pixels[size]
+
+
 class RerankStage(Protocol):
     def __call__(
-        self, query_hash: str, candidates: list[Candidate], top_n: int
+        self, query: QueryImage, candidates: list[Candidate], top_n: int
     ) -> RerankOutcome: ...
 
 
 def no_rerank(reason: str) -> RerankStage:
-    def stage(query_hash: str, candidates: list[Candidate], top_n: int) -> RerankOutcome:
+    def stage(query: QueryImage, candidates: list[Candidate], top_n: int) -> RerankOutcome:
         return RerankOutcome(candidates, reranked=False, reason=reason)
 
     return stage
@@ -164,13 +180,12 @@ class SearchService:
         version, embedder = self.models.embedder(self._active_embedder())
         started = time.perf_counter()  # stage timings exclude loading models (once a process)
         digest = content_hash(data)
-        pixels, _ = load_pixels(
-            data,
-            source,
-            size=embedder.info.input_size,
-            max_pixels=self.settings.max_image_pixels,
+        size = embedder.info.input_size
+        image, _ = decode_image(
+            data, source, max_pixels=self.settings.max_image_pixels, min_side=size
         )
-        vector = embedder.embed(pixels[None])[0]
+        query_image = QueryImage(image, digest)
+        vector = embedder.embed(query_image.pixels(size)[None])[0]
         t_embed = time.perf_counter()
 
         candidates = self._search(version, vector, top_k, filters)
@@ -182,7 +197,7 @@ class SearchService:
         elif len(candidates) < 2:
             outcome = RerankOutcome(candidates, reranked=False, reason="fewer than 2 candidates")
         else:
-            outcome = self.rerank_stage(digest, candidates, min(top_n, len(candidates)))
+            outcome = self.rerank_stage(query_image, candidates, min(top_n, len(candidates)))
         t_rerank = time.perf_counter()
 
         timings = {

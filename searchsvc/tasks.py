@@ -7,6 +7,7 @@ in-process dispatcher calls them directly. Either way the same code runs.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from searchsvc.config import Settings
 from searchsvc.db import Database
 from searchsvc.errors import ImageError
 from searchsvc.images import content_hash, load_pixels, read_image_bytes
-from searchsvc.index import IndexPoint, VectorIndex
+from searchsvc.index import IndexPoint, VectorIndex, point_id_for
 from searchsvc.model_store import ActiveVersion, ModelCache
 from searchsvc.pixels import PixelStore
 
@@ -148,8 +149,6 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
     if ok_items:
         vectors = embedder.embed(np.stack(pixel_rows), batch_size=settings.batch_size)
         if request.write_index:
-            from searchsvc.index import point_id_for
-
             ctx.index.upsert(
                 request.collection,
                 [
@@ -178,10 +177,95 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
     )
 
 
+def encode_pixels(pixels: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).decode()
+
+
+def decode_pixels(text: str, size: int) -> np.ndarray:
+    raw = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+    if raw.size != size * size * 3:
+        raise ValueError(f"query pixels hold {raw.size} values, expected {size}x{size}x3")
+    return raw.reshape(size, size, 3)
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    stir_version: int
+    stir_file: str
+    size: int
+    query_pixels_b64: str
+    """The query photo, preprocessed to the reranker's input (sent inline: it exists only
+    in the caller's memory)."""
+    candidate_hashes: list[str]
+    """Content hashes of the candidate images, whose pixels the worker reads from the
+    shared pixel store."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RerankRequest:
+        return cls(
+            stir_version=int(data["stir_version"]),
+            stir_file=str(data["stir_file"]),
+            size=int(data["size"]),
+            query_pixels_b64=str(data["query_pixels_b64"]),
+            candidate_hashes=[str(h) for h in data["candidate_hashes"]],
+        )
+
+
+@dataclass(frozen=True)
+class RerankResponse:
+    stir_version: int
+    distances: list[float]
+    timings_ms: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RerankResponse:
+        return cls(
+            stir_version=int(data["stir_version"]),
+            distances=[float(d) for d in data["distances"]],
+            timings_ms={k: float(v) for k, v in data.get("timings_ms", {}).items()},
+        )
+
+
+def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
+    """STIR distances of (query, candidate) pairs: pixels from the store, one forward.
+
+    Requests that arrive together (a worker serving several queries) share a forward pass
+    through the version's micro-batcher.
+    """
+    started = time.perf_counter()
+    version = ActiveVersion(request.stir_version, Path(request.stir_file), None)
+    scorer, batcher = ctx.models.stir(version)
+    size = scorer.info.input_size
+    if request.size != size:
+        raise ValueError(f"query pixels are {request.size}px, STIR v{version.id} takes {size}px")
+    query = decode_pixels(request.query_pixels_b64, size)
+    candidates = [ctx.pixels.get(digest, size) for digest in request.candidate_hashes]
+    loaded = time.perf_counter()
+    distances = batcher.run([(query, candidate) for candidate in candidates])
+    done = time.perf_counter()
+    return RerankResponse(
+        stir_version=version.id,
+        distances=[float(d) for d in distances],
+        timings_ms={
+            "load_pixels": (loaded - started) * 1000,
+            "forward": (done - loaded) * 1000,
+        },
+    )
+
+
 def task_functions(ctx: TaskContext) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
     """Task name -> JSON-in/JSON-out function, for the in-process dispatcher and workers."""
 
     def embed(payload: dict[str, Any]) -> dict[str, Any]:
         return embed_images(EmbedRequest.from_json(payload), ctx).to_json()
 
-    return {EMBED_TASK: embed}
+    def rerank_task(payload: dict[str, Any]) -> dict[str, Any]:
+        return rerank(RerankRequest.from_json(payload), ctx).to_json()
+
+    return {EMBED_TASK: embed, RERANK_TASK: rerank_task}
