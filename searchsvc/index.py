@@ -1,0 +1,864 @@
+"""The vector index: one small interface, a Qdrant server and an embedded store behind it.
+
+Collections hold one embedder version's vectors each; an alias names the active one, so a
+new embedder can be filled in the background and switched to in one step. Point ids are
+derived from the image's content (see :func:`point_id_for`), which makes upserts idempotent:
+re-ingesting the same image writes the same point.
+
+Scores are cosine similarities (higher is closer), for both backends.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import qdrant_edge as qe
+from grpc import RpcError
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import (
+    ApiException,
+    ResponseHandlingException,
+    UnexpectedResponse,
+)
+
+from searchsvc.errors import IndexBackendError
+
+if TYPE_CHECKING:
+    from searchsvc.config import Settings
+
+# Fixed namespace: point ids must be the same on every machine and every run.
+_POINT_NAMESPACE = uuid.UUID("5f0c1a8e-2b7d-4e1c-9a53-3c4d2e6b7f10")
+
+# Payload fields that get a keyword index (filters run inside Qdrant, not after).
+INDEXED_PAYLOAD_FIELDS = ("product_id", "category")
+
+
+def point_id_for(product_id: str, content_hash: str) -> str:
+    """Deterministic point id of one product image.
+
+    The product is part of the key because two products may share identical image bytes
+    (a colour variant photographed once); each must still have its own point.
+    """
+    return str(uuid.uuid5(_POINT_NAMESPACE, f"{product_id}\x00{content_hash}"))
+
+
+@dataclass(frozen=True)
+class IndexPoint:
+    point_id: str
+    vector: np.ndarray  # float32, shape (dim,), L2-normalised
+    product_id: str
+    image_id: int
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    point_id: str
+    score: float  # cosine similarity
+    product_id: str
+    image_id: int
+    category: str | None = None
+
+
+class VectorIndex(Protocol):
+    """What searchsvc needs from a vector store. Implementations: EdgeIndex, QdrantServerIndex."""
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        """Create the collection (cosine, ``dim``) with payload indexes if it does not exist.
+        Raises IndexBackendError if it exists with another dimension."""
+
+    def drop_collection(self, name: str) -> None: ...
+
+    def collections(self) -> list[str]: ...
+
+    def upsert(self, collection: str, points: Sequence[IndexPoint]) -> None: ...
+
+    def delete(self, collection: str, point_ids: Sequence[str]) -> None: ...
+
+    def search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        limit: int,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[SearchHit]:
+        """Nearest points by cosine similarity, best first; ``filters`` are exact payload
+        matches (``{"category": "shoes"}``), applied inside the engine."""
+
+    def count(self, collection: str) -> int: ...
+
+    def iter_point_ids(self, collection: str) -> Iterator[str]: ...
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Point ``alias`` at ``collection`` in one step (readers never see no alias)."""
+
+    def resolve_alias(self, alias: str) -> str | None: ...
+
+    def optimize(self, collection: str) -> None:
+        """Build search structures after a bulk load (a no-op where the engine does it)."""
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+# Points per engine call: bounds the memory of one request without slowing bulk loads.
+_EDGE_BATCH = 4096
+_SERVER_BATCH = 512
+_SCROLL_PAGE = 1024
+# EdgeIndex flushes segments to disk at most this often after upserts and deletes (and always
+# on optimize and close). A flush costs ~0.1-0.2 s whatever the batch size, so flushing every
+# call would cap small-batch ingestion at a few hundred points/s; between flushes qdrant-edge's
+# write-ahead log already makes each update survive a crash of the process.
+_FLUSH_INTERVAL_S = 1.0
+
+
+def _as_matrix(points: Sequence[IndexPoint], collection: str) -> np.ndarray:
+    """Stack the points' vectors into one C-contiguous float32 ``(n, dim)`` array."""
+    try:
+        matrix = np.stack([np.asarray(p.vector, dtype=np.float32).reshape(-1) for p in points])
+    except ValueError as exc:
+        raise IndexBackendError(
+            f"collection {collection!r}: points to upsert have vectors of different lengths ({exc})"
+        ) from None
+    return np.ascontiguousarray(matrix, dtype=np.float32)
+
+
+def _payload(point: IndexPoint) -> dict[str, Any]:
+    payload: dict[str, Any] = {"product_id": point.product_id, "image_id": int(point.image_id)}
+    if point.category is not None:
+        payload["category"] = point.category
+    return payload
+
+
+def _check_filters(collection: str, filters: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    """Filters as ``(field, value)`` pairs; only indexed fields may be filtered on (a typo
+    such as ``categroy`` would otherwise silently match nothing)."""
+    if not filters:
+        return []
+    unknown = sorted(set(filters) - set(INDEXED_PAYLOAD_FIELDS))
+    if unknown:
+        raise IndexBackendError(
+            f"collection {collection!r}: cannot filter on {', '.join(map(repr, unknown))}; "
+            f"filterable fields are {', '.join(INDEXED_PAYLOAD_FIELDS)}"
+        )
+    return [(key, str(value)) for key, value in filters.items()]
+
+
+def _hit(point_id: object, score: float, payload: Mapping[str, Any] | None) -> SearchHit:
+    payload = payload or {}
+    category = payload.get("category")
+    return SearchHit(
+        point_id=str(point_id),
+        score=float(score),
+        product_id=str(payload.get("product_id", "")),
+        image_id=int(payload.get("image_id", -1)),
+        category=None if category is None else str(category),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Embedded store: qdrant-edge, one EdgeShard per collection
+# --------------------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_ALIASES_FILE = "aliases.json"
+_LOCK_FILE = ".lock"
+_EDGE_CONFIG_FILE = "edge_config.json"  # written by qdrant-edge into every shard directory
+
+
+class EdgeIndex:
+    """Embedded vector index on qdrant-edge (Qdrant's engine, in-process).
+
+    Layout under ``root``::
+
+        root/.lock            exclusive flock held while this object is open
+        root/aliases.json     {"alias": "collection", ...}, replaced atomically
+        root/<collection>/    one EdgeShard per collection
+
+    Only one process may open ``root`` at a time (the constructor takes an exclusive lock
+    and fails fast if another process holds it); several processes need a Qdrant server.
+    Within the process the object may be shared between threads. Names that are aliases
+    are resolved for data operations (upsert, search, ...), as a Qdrant server does.
+
+    Durability: every update goes to the shard's write-ahead log first, so it survives the
+    process dying; segments are flushed at most once a second during ingestion and always
+    on ``optimize``, ``flush`` and ``close``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._mutex = threading.RLock()
+        self._shards: dict[str, qe.EdgeShard] = {}
+        self._dims: dict[str, int | None] = {}
+        self._last_flush: dict[str, float] = {}
+        self._closed = False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IndexBackendError(
+                f"{self.root}: cannot create the embedded index ({exc})"
+            ) from None
+        self._lock_fd = self._acquire_lock(self.root / _LOCK_FILE)
+        try:
+            self._aliases = self._read_aliases()
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # -- process lock ------------------------------------------------------------------------
+
+    @staticmethod
+    def _acquire_lock(path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise IndexBackendError(f"{path}: cannot open the index lock file ({exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = "another process"
+            try:
+                pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                if pid == str(os.getpid()):
+                    holder = f"this process (pid {pid}, another open EdgeIndex)"
+                elif pid.isdigit():
+                    holder = f"another process (pid {pid})"
+            except OSError:
+                pass
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise IndexBackendError(
+                    f"{path.parent}: the embedded vector index is in use; {holder} holds "
+                    f"{path}. The embedded store can be opened by one process at a time: stop "
+                    "the other process, or set SEARCHSVC_QDRANT_URL to a Qdrant server to "
+                    "share the index between several processes"
+                ) from None
+            raise IndexBackendError(f"{path}: cannot lock the embedded index ({exc})") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            pass  # the pid is only a hint for the error message above
+        return fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush and close every shard, then release the lock. Safe to call twice."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            shards, self._shards = self._shards, {}
+            errors = []
+            for name, shard in shards.items():
+                try:
+                    shard.flush()
+                    shard.close()
+                except Exception as exc:  # close the others, report after
+                    errors.append(f"{name!r}: {exc}")
+            self._release_lock()
+        if errors:
+            raise IndexBackendError(f"{self.root}: closing collections failed: {'; '.join(errors)}")
+
+    def __enter__(self) -> EdgeIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- names, shards, aliases --------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise IndexBackendError(f"{self.root}: the embedded vector index is closed")
+
+    def _check_name(self, name: str, what: str = "collection") -> None:
+        if not _NAME_RE.match(name) or name == _ALIASES_FILE:
+            raise IndexBackendError(
+                f"{what} {name!r}: invalid name (letters, digits, '_', '-', '.', "
+                "starting with a letter or digit, at most 128 characters)"
+            )
+
+    def _shard_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def _exists(self, name: str) -> bool:
+        return name in self._shards or (self._shard_dir(name) / _EDGE_CONFIG_FILE).is_file()
+
+    def _stored_dim(self, name: str) -> int | None:
+        """The vector size the shard was created with (best effort, from its config file)."""
+        try:
+            config = json.loads((self._shard_dir(name) / _EDGE_CONFIG_FILE).read_text("utf-8"))
+            return int(config["vectors"][""]["size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def _config(dim: int) -> qe.EdgeConfig:
+        return qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine))
+
+    def _resolve(self, name: str) -> str:
+        """A collection name, or the collection an alias points to."""
+        if name in self._shards or name not in self._aliases:
+            return name
+        return self._aliases[name]
+
+    def _shard(self, name: str) -> tuple[str, qe.EdgeShard]:
+        """The open shard of collection (or alias) ``name``; opened once, then cached."""
+        self._check_name(name)
+        with self._mutex:
+            self._check_open()
+            collection = self._resolve(name)
+            shard = self._shards.get(collection)
+            if shard is not None:
+                return collection, shard
+            if not self._exists(collection):
+                where = (
+                    f"alias {name!r} -> collection {collection!r}"
+                    if collection != name
+                    else (f"collection {name!r}")
+                )
+                raise IndexBackendError(
+                    f"{where} does not exist in the embedded index at {self.root}"
+                )
+            try:
+                shard = qe.EdgeShard.load(str(self._shard_dir(collection)))
+            except Exception as exc:
+                raise IndexBackendError(
+                    f"collection {collection!r}: cannot open {self._shard_dir(collection)} ({exc})"
+                ) from None
+            self._shards[collection] = shard
+            self._dims[collection] = self._stored_dim(collection)
+            return collection, shard
+
+    def _read_aliases(self) -> dict[str, str]:
+        path = self.root / _ALIASES_FILE
+        try:
+            data = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise IndexBackendError(f"{path}: cannot read the alias file ({exc})") from None
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise IndexBackendError(f"{path}: not an alias file (expected {{alias: collection}})")
+        return dict(data)
+
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
+        """Replace aliases.json atomically: readers see the old or the new file, never half."""
+        path = self.root / _ALIASES_FILE
+        tmp = path.with_name(f".{_ALIASES_FILE}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(aliases, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise IndexBackendError(f"{path}: cannot write the alias file ({exc})") from None
+        self._aliases = aliases
+
+    def _flush_soon(self, name: str, shard: qe.EdgeShard) -> None:
+        """Flush unless this collection was flushed less than _FLUSH_INTERVAL_S ago."""
+        now = time.monotonic()
+        if now - self._last_flush.get(name, -math.inf) >= _FLUSH_INTERVAL_S:
+            shard.flush()
+            self._last_flush[name] = time.monotonic()
+
+    def flush(self) -> None:
+        """Write every open collection's pending changes to its segments now."""
+        with self._mutex:
+            self._check_open()
+            shards = list(self._shards.items())
+        for name, shard in shards:
+            try:
+                shard.flush()
+            except Exception as exc:
+                raise IndexBackendError(f"collection {name!r}: flush failed ({exc})") from None
+            self._last_flush[name] = time.monotonic()
+
+    def _ensure_payload_indexes(self, name: str, shard: qe.EdgeShard) -> None:
+        existing = set(shard.info().payload_schema)
+        for field in INDEXED_PAYLOAD_FIELDS:
+            if field not in existing:
+                shard.update(
+                    qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword)
+                )
+
+    # -- VectorIndex -------------------------------------------------------------------------
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        self._check_name(name)
+        if dim <= 0:
+            raise IndexBackendError(f"collection {name!r}: dimension must be positive, got {dim}")
+        with self._mutex:
+            self._check_open()
+            if name in self._aliases:
+                raise IndexBackendError(
+                    f"collection {name!r}: the name is an alias (of {self._aliases[name]!r})"
+                )
+            path = self._shard_dir(name)
+            shard = self._shards.get(name)
+            try:
+                if shard is not None:
+                    stored = self._dims.get(name)
+                    if stored is not None and stored != dim:
+                        raise IndexBackendError(
+                            f"collection {name!r} exists with dimension {stored}, not {dim}"
+                        )
+                elif self._exists(name):
+                    stored = self._stored_dim(name)
+                    if stored is not None and stored != dim:
+                        raise IndexBackendError(
+                            f"collection {name!r} exists with dimension {stored}, not {dim}"
+                        )
+                    try:  # the engine checks the stored config against this one
+                        shard = qe.EdgeShard.load(str(path), self._config(dim))
+                    except Exception as exc:
+                        raise IndexBackendError(
+                            f"collection {name!r} exists with another configuration than "
+                            f"cosine/{dim} ({exc})"
+                        ) from None
+                else:
+                    shard = qe.EdgeShard.create(str(path), self._config(dim))
+                self._shards[name] = shard
+                self._dims[name] = dim
+                self._ensure_payload_indexes(name, shard)
+                shard.flush()
+            except IndexBackendError:
+                raise
+            except Exception as exc:
+                raise IndexBackendError(
+                    f"collection {name!r}: cannot create at {path} ({exc})"
+                ) from None
+
+    def drop_collection(self, name: str) -> None:
+        """Delete the collection and every alias pointing at it; no-op if it does not exist."""
+        self._check_name(name)
+        with self._mutex:
+            self._check_open()
+            shard = self._shards.pop(name, None)
+            self._dims.pop(name, None)
+            self._last_flush.pop(name, None)
+            if shard is not None:
+                try:
+                    shard.close()
+                except Exception as exc:
+                    raise IndexBackendError(f"collection {name!r}: cannot close ({exc})") from None
+            path = self._shard_dir(name)
+            if path.is_dir():
+                try:
+                    shutil.rmtree(path)
+                except OSError as exc:
+                    raise IndexBackendError(
+                        f"collection {name!r}: cannot delete {path} ({exc})"
+                    ) from None
+            if name in self._aliases.values():
+                self._write_aliases({a: c for a, c in self._aliases.items() if c != name})
+
+    def collections(self) -> list[str]:
+        with self._mutex:
+            self._check_open()
+            on_disk = {
+                p.name
+                for p in self.root.iterdir()
+                if p.is_dir() and (p / _EDGE_CONFIG_FILE).is_file()
+            }
+            return sorted(on_disk | set(self._shards))
+
+    def upsert(self, collection: str, points: Sequence[IndexPoint]) -> None:
+        if not points:
+            return
+        name, shard = self._shard(collection)
+        matrix = _as_matrix(points, name)
+        dim = self._dims.get(name)
+        if dim is not None and matrix.shape[1] != dim:
+            raise IndexBackendError(
+                f"collection {name!r}: vectors have dimension {matrix.shape[1]}, expected {dim}"
+            )
+        try:
+            for start in range(0, len(points), _EDGE_BATCH):
+                chunk = points[start : start + _EDGE_BATCH]
+                rows = matrix[start : start + _EDGE_BATCH]
+                batch = [
+                    # Per-row tolist() is the cheapest input for the binding: a numpy row is
+                    # read element by element (about 2x slower), a whole-matrix tolist() at
+                    # once allocates every float object up front.
+                    qe.Point(p.point_id, row.tolist(), _payload(p))
+                    for p, row in zip(chunk, rows, strict=True)
+                ]
+                shard.update(qe.UpdateOperation.upsert_points(batch))
+            self._flush_soon(name, shard)
+        except Exception as exc:
+            raise IndexBackendError(f"collection {name!r}: upsert failed ({exc})") from None
+
+    def delete(self, collection: str, point_ids: Sequence[str]) -> None:
+        if not point_ids:
+            return
+        name, shard = self._shard(collection)
+        try:
+            ids: list[qe.PointId] = list(point_ids)
+            shard.update(qe.UpdateOperation.delete_points(ids))
+            self._flush_soon(name, shard)
+        except Exception as exc:
+            raise IndexBackendError(f"collection {name!r}: delete failed ({exc})") from None
+
+    def search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        limit: int,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[SearchHit]:
+        conditions = _check_filters(collection, filters)
+        name, shard = self._shard(collection)
+        if limit <= 0:
+            return []
+        query_filter = (
+            qe.Filter(
+                must=[
+                    qe.FieldCondition(key, match=qe.MatchValue(value)) for key, value in conditions
+                ]
+            )
+            if conditions
+            else None
+        )
+        query = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+        try:
+            points = shard.query(
+                qe.QueryRequest(
+                    limit=limit,
+                    query=qe.Query.Nearest(query),
+                    filter=query_filter,
+                    with_payload=True,
+                    with_vector=False,
+                )
+            )
+        except Exception as exc:
+            raise IndexBackendError(f"collection {name!r}: search failed ({exc})") from None
+        return [_hit(p.id, p.score, p.payload) for p in points]
+
+    def count(self, collection: str) -> int:
+        name, shard = self._shard(collection)
+        try:
+            return int(shard.count(qe.CountRequest(exact=True)))
+        except Exception as exc:
+            raise IndexBackendError(f"collection {name!r}: count failed ({exc})") from None
+
+    def iter_point_ids(self, collection: str) -> Iterator[str]:
+        name, shard = self._shard(collection)  # fails here, not at the first next()
+        return self._scroll_ids(name, shard)
+
+    @staticmethod
+    def _scroll_ids(name: str, shard: qe.EdgeShard) -> Iterator[str]:
+        offset: qe.PointId | None = None
+        while True:
+            try:
+                records, offset = shard.scroll(
+                    qe.ScrollRequest(
+                        offset=offset, limit=_SCROLL_PAGE, with_payload=False, with_vector=False
+                    )
+                )
+            except Exception as exc:
+                raise IndexBackendError(f"collection {name!r}: scroll failed ({exc})") from None
+            for record in records:
+                yield str(record.id)
+            if offset is None:
+                return
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        self._check_name(alias, "alias")
+        self._check_name(collection)
+        with self._mutex:
+            self._check_open()
+            if not self._exists(collection):
+                raise IndexBackendError(
+                    f"alias {alias!r}: collection {collection!r} does not exist in {self.root}"
+                )
+            if self._exists(alias):
+                raise IndexBackendError(f"alias {alias!r}: a collection has that name")
+            self._write_aliases({**self._aliases, alias: collection})
+
+    def resolve_alias(self, alias: str) -> str | None:
+        with self._mutex:
+            self._check_open()
+            return self._aliases.get(alias)
+
+    def optimize(self, collection: str) -> None:
+        """Merge segments and build the HNSW graph (blocking); call after a bulk load."""
+        name, shard = self._shard(collection)
+        try:
+            shard.optimize()
+            shard.flush()
+        except Exception as exc:
+            raise IndexBackendError(f"collection {name!r}: optimize failed ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Qdrant server (or qdrant-client local mode)
+# --------------------------------------------------------------------------------------------
+
+
+def _describe_client(client: QdrantClient) -> str:
+    options = getattr(client, "init_options", None) or {}
+    for key in ("url", "host", "path", "location"):
+        value = options.get(key)
+        if value:
+            return f"local mode ({value})" if key in ("path", "location") else str(value)
+    return "the Qdrant server"
+
+
+class QdrantServerIndex:
+    """Vector index on a Qdrant server through ``qdrant_client``.
+
+    Works unchanged on qdrant-client's local mode (``QdrantClient(location=":memory:")``),
+    which the tests use; local mode accepts but ignores keyword payload indexes (filters
+    are then evaluated by scanning), a server uses them.
+    """
+
+    def __init__(self, client: QdrantClient, *, where: str | None = None) -> None:
+        self.client = client
+        self.where = where or _describe_client(client)
+
+    @classmethod
+    def from_url(
+        cls, url: str, api_key: str | None = None, timeout: float = 10
+    ) -> QdrantServerIndex:
+        """Connect to ``url`` and check it answers; IndexBackendError naming the URL if not."""
+        try:
+            client = QdrantClient(
+                url=url,
+                api_key=api_key or None,
+                timeout=max(1, math.ceil(timeout)),
+                check_compatibility=False,
+            )
+        except (ValueError, TypeError) as exc:
+            raise IndexBackendError(f"SEARCHSVC_QDRANT_URL: invalid URL {url!r} ({exc})") from None
+        index = cls(client, where=url)
+        with index._errors("list collections", None):
+            client.get_collections()
+        return index
+
+    @contextmanager
+    def _errors(self, action: str, collection: str | None) -> Iterator[None]:
+        target = f" collection {collection!r}" if collection else ""
+        try:
+            yield
+        except ResponseHandlingException as exc:
+            raise IndexBackendError(
+                f"cannot reach the Qdrant server at {self.where} (trying to {action}{target}): "
+                f"{exc.source if getattr(exc, 'source', None) else exc}"
+            ) from None
+        except UnexpectedResponse as exc:
+            detail = exc.content.decode("utf-8", "replace")[:300] if exc.content else ""
+            raise IndexBackendError(
+                f"Qdrant at {self.where} refused to {action}{target}: "
+                f"HTTP {exc.status_code} {exc.reason_phrase} {detail}".rstrip()
+            ) from None
+        except (ApiException, RpcError, ValueError, KeyError) as exc:
+            # local mode raises ValueError/KeyError ("Collection x not found", dimension errors)
+            raise IndexBackendError(
+                f"Qdrant at {self.where} failed to {action}{target}: {exc}"
+            ) from None
+
+    def _create_payload_indexes(self, name: str, existing: set[str]) -> None:
+        for field in INDEXED_PAYLOAD_FIELDS:
+            if field in existing:
+                continue
+            with warnings.catch_warnings():
+                # Local mode warns that payload indexes have no effect there; a server uses them.
+                warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+                self.client.create_payload_index(
+                    name, field, models.PayloadSchemaType.KEYWORD, wait=True
+                )
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        if dim <= 0:
+            raise IndexBackendError(f"collection {name!r}: dimension must be positive, got {dim}")
+        with self._errors("create", name):
+            if not self.client.collection_exists(name):
+                try:
+                    self.client.create_collection(
+                        name,
+                        vectors_config=models.VectorParams(
+                            size=dim, distance=models.Distance.COSINE
+                        ),
+                    )
+                except (UnexpectedResponse, ValueError):
+                    # Another process may have created it meanwhile; then check it below.
+                    if not self.client.collection_exists(name):
+                        raise
+            info = self.client.get_collection(name)
+            params = info.config.params.vectors
+            if not isinstance(params, models.VectorParams):
+                raise IndexBackendError(
+                    f"collection {name!r} at {self.where} uses named vectors; "
+                    "searchsvc needs a single unnamed vector"
+                )
+            if params.size != dim or params.distance != models.Distance.COSINE:
+                raise IndexBackendError(
+                    f"collection {name!r} at {self.where} exists with dimension {params.size} "
+                    f"and distance {params.distance.value}, not {dim} and Cosine"
+                )
+            self._create_payload_indexes(name, set(info.payload_schema or {}))
+
+    def drop_collection(self, name: str) -> None:
+        with self._errors("delete", name):
+            self.client.delete_collection(name)
+
+    def collections(self) -> list[str]:
+        with self._errors("list collections", None):
+            return sorted(c.name for c in self.client.get_collections().collections)
+
+    def upsert(self, collection: str, points: Sequence[IndexPoint]) -> None:
+        if not points:
+            return
+        matrix = _as_matrix(points, collection)
+        with self._errors("upsert into", collection):
+            for start in range(0, len(points), _SERVER_BATCH):
+                chunk = points[start : start + _SERVER_BATCH]
+                batch = models.Batch(
+                    ids=[p.point_id for p in chunk],
+                    vectors=matrix[start : start + _SERVER_BATCH].tolist(),
+                    payloads=[_payload(p) for p in chunk],
+                )
+                self.client.upsert(collection, points=batch, wait=True)
+
+    def delete(self, collection: str, point_ids: Sequence[str]) -> None:
+        if not point_ids:
+            return
+        ids: list[models.ExtendedPointId] = list(point_ids)
+        with self._errors("delete points from", collection):
+            self.client.delete(
+                collection, points_selector=models.PointIdsList(points=ids), wait=True
+            )
+
+    def search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        limit: int,
+        filters: Mapping[str, str] | None = None,
+    ) -> list[SearchHit]:
+        conditions = _check_filters(collection, filters)
+        if limit <= 0:
+            return []
+        query_filter = (
+            models.Filter(
+                must=[
+                    models.FieldCondition(key=key, match=models.MatchValue(value=value))
+                    for key, value in conditions
+                ]
+            )
+            if conditions
+            else None
+        )
+        query = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
+        with self._errors("search", collection):
+            response = self.client.query_points(
+                collection,
+                query=query,
+                limit=limit,
+                query_filter=query_filter,
+                with_payload=True,
+                with_vectors=False,
+            )
+        return [_hit(p.id, p.score, p.payload) for p in response.points]
+
+    def count(self, collection: str) -> int:
+        with self._errors("count", collection):
+            return int(self.client.count(collection, exact=True).count)
+
+    def iter_point_ids(self, collection: str) -> Iterator[str]:
+        offset: models.ExtendedPointId | None = None
+        while True:
+            with self._errors("scroll", collection):
+                records, offset = self.client.scroll(
+                    collection,
+                    limit=_SCROLL_PAGE,
+                    offset=offset,
+                    with_payload=False,
+                    with_vectors=False,
+                )
+            for record in records:
+                yield str(record.id)
+            if offset is None:
+                return
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Delete and create in one request: Qdrant applies both under one lock, so readers
+        see the old or the new target, never no alias."""
+        with self._errors(f"point alias {alias!r} at", collection):
+            self.client.update_collection_aliases(
+                change_aliases_operations=[
+                    models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)),
+                    models.CreateAliasOperation(
+                        create_alias=models.CreateAlias(
+                            collection_name=collection, alias_name=alias
+                        )
+                    ),
+                ]
+            )
+
+    def resolve_alias(self, alias: str) -> str | None:
+        with self._errors(f"resolve alias {alias!r}", None):
+            aliases = self.client.get_aliases().aliases
+        for description in aliases:
+            if description.alias_name == alias:
+                return description.collection_name
+        return None
+
+    def optimize(self, collection: str) -> None:
+        """No-op: the server's optimizers build HNSW in the background."""
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> QdrantServerIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_index(settings: Settings) -> VectorIndex:
+    """The configured backend: a Qdrant server if ``qdrant_url`` is set, else the embedded store."""
+    if settings.qdrant_url:
+        return QdrantServerIndex.from_url(settings.qdrant_url, settings.qdrant_api_key or None)
+    return EdgeIndex(settings.qdrant_path)
