@@ -39,6 +39,12 @@ class App:
             self._index = open_index(self.settings)
         return self._index
 
+    def _index_for_writing(self) -> VectorIndex:
+        """The index, waiting for another writer (an ingest) to release an embedded store."""
+        if self._index is None:
+            self._index = open_index(self.settings, wait_s=self.settings.index_lock_wait_s)
+        return self._index
+
     def task_context(self) -> TaskContext:
         return TaskContext(
             settings=self.settings,
@@ -53,7 +59,9 @@ class App:
         if self._dispatcher is None:
             if self.settings.broker_url:
                 celery = CeleryDispatcher(
-                    self.settings.broker_url, self.settings.result_backend_url
+                    self.settings.broker_url,
+                    self.settings.result_backend_url,
+                    visibility_timeout_s=self.settings.task_visibility_timeout_s,
                 )
                 celery.check_broker()
                 self._dispatcher = celery
@@ -64,11 +72,12 @@ class App:
     def ingest(
         self, root: Path, *, sync: bool = False, progress: ProgressCallback | None = None
     ) -> IngestSummary:
+        index = self._index_for_writing()
         version = ensure_active_embedder(self.db, self.settings)
         coordinator = IngestCoordinator(
             self.settings,
             self.db,
-            self.index,
+            index,
             self.dispatcher,
             version,
             embedder_dim(version.file),

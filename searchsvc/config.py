@@ -72,6 +72,15 @@ class Settings:
     index_writer: IndexWriter = "auto"
     """Who writes vectors: the ingest coordinator (required for an embedded store, which one
     process may open) or the workers (a Qdrant server). ``auto`` picks by ``qdrant_url``."""
+    index_lock_wait_s: float = 600.0
+    """How long an ingest waits for another process to release the embedded index (two
+    ingests started together run one after the other); queries never wait."""
+    embed_task_timeout_s: float = 900.0
+    """How long the ingest coordinator waits for one embed task before giving up (its rows
+    stay pending for the next run)."""
+    task_visibility_timeout_s: float = 3600.0
+    """Redis broker: a task taken by a worker that died unacknowledged is handed to another
+    worker after this long."""
     seed: int = 0
     config_file: Path | None = field(default=None, compare=False)
 

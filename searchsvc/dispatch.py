@@ -102,7 +102,9 @@ class _CeleryHandle:
 class CeleryDispatcher:
     """Sends tasks by name to Celery worker pools on Redis (JSON only)."""
 
-    def __init__(self, broker_url: str, backend_url: str = "") -> None:
+    def __init__(
+        self, broker_url: str, backend_url: str = "", *, visibility_timeout_s: float = 3600.0
+    ) -> None:
         from celery import Celery
 
         self.broker_url = broker_url
@@ -113,7 +115,11 @@ class CeleryDispatcher:
             accept_content=["json"],
             broker_connection_retry_on_startup=False,
             broker_connection_max_retries=1,
-            broker_transport_options={"max_retries": 1, "socket_connect_timeout": 3},
+            broker_transport_options={
+                "max_retries": 1,
+                "socket_connect_timeout": 3,
+                "visibility_timeout": visibility_timeout_s,
+            },
             redis_socket_connect_timeout=3,
             result_extended=False,
         )

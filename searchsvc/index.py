@@ -204,7 +204,9 @@ class EdgeIndex:
     on ``optimize``, ``flush`` and ``close``.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, wait_s: float = 0.0) -> None:
+        """``wait_s``: how long to wait for another process to release the store before
+        failing (an ingest queues behind another; a query fails fast)."""
         self.root = Path(root)
         self._mutex = threading.RLock()
         self._shards: dict[str, qe.EdgeShard] = {}
@@ -217,7 +219,7 @@ class EdgeIndex:
             raise IndexBackendError(
                 f"{self.root}: cannot create the embedded index ({exc})"
             ) from None
-        self._lock_fd = self._acquire_lock(self.root / _LOCK_FILE)
+        self._lock_fd = self._acquire_lock(self.root / _LOCK_FILE, wait_s)
         try:
             self._aliases = self._read_aliases()
         except BaseException:
@@ -227,13 +229,22 @@ class EdgeIndex:
     # -- process lock ------------------------------------------------------------------------
 
     @staticmethod
-    def _acquire_lock(path: Path) -> int:
+    def _acquire_lock(path: Path, wait_s: float = 0.0) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise IndexBackendError(f"{path}: cannot open the index lock file ({exc})") from None
+        deadline = time.monotonic() + wait_s
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    busy = exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+                    if not busy or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.2)
         except OSError as exc:
             holder = "another process"
             try:
@@ -857,8 +868,9 @@ class QdrantServerIndex:
         self.close()
 
 
-def open_index(settings: Settings) -> VectorIndex:
-    """The configured backend: a Qdrant server if ``qdrant_url`` is set, else the embedded store."""
+def open_index(settings: Settings, *, wait_s: float = 0.0) -> VectorIndex:
+    """The configured backend: a Qdrant server if ``qdrant_url`` is set, else the embedded
+    store (waiting up to ``wait_s`` for another process to release it)."""
     if settings.qdrant_url:
         return QdrantServerIndex.from_url(settings.qdrant_url, settings.qdrant_api_key or None)
-    return EdgeIndex(settings.qdrant_path)
+    return EdgeIndex(settings.qdrant_path, wait_s=wait_s)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 
 from searchsvc.catalog import (
     CatalogImage,
@@ -64,6 +65,15 @@ class IngestSummary:
     problem_count: int = 0
     problems: list[CatalogProblem] = field(default_factory=list)
     seconds: float = 0.0
+
+    def merge(self, other: IngestSummary) -> None:
+        """Add the counts and problems of ``other`` (a batch's) to this summary."""
+        for name, value in other.counts().items():
+            if isinstance(value, int) and name != "problem_count":
+                setattr(self, name, getattr(self, name) + value)
+        for problem in other.problems:
+            self.add_problem(problem)
+        self.problem_count += other.problem_count - len(other.problems)  # those not kept
 
     def add_problem(self, problem: CatalogProblem) -> None:
         self.problem_count += 1
@@ -270,6 +280,25 @@ class IngestCoordinator:
                 continue
             hashed.append((image, content_hash(data), len(data)))
 
+        # Two coordinators (a Qdrant server lets several run at once) may insert the same
+        # new image row concurrently: the loser's transaction fails on the unique key, and a
+        # second attempt finds the winner's row and treats it like any existing one.
+        for attempt in range(3):
+            delta = IngestSummary(run_id=summary.run_id)
+            try:
+                to_embed, old_points, unchanged = self._register_rows(hashed, delta)
+                break
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        summary.merge(delta)
+        return to_embed, old_points, skipped + unchanged
+
+    def _register_rows(
+        self, hashed: list[tuple[CatalogImage, str, int]], summary: IngestSummary
+    ) -> tuple[list[EmbedItem], dict[int, str | None], int]:
+        """One transaction: rows of the batch created or updated; counts go to ``summary``."""
+        skipped = 0
         to_embed: list[EmbedItem] = []
         old_points: dict[int, str | None] = {}
         run_id = summary.run_id
@@ -374,7 +403,15 @@ class IngestCoordinator:
     def _collect(self, pending: _Pending, summary: IngestSummary) -> int:
         """Wait for one embed task, write its points, and record each image's outcome."""
         try:
-            response = EmbedResponse.from_json(pending.handle.result(timeout=None))
+            response = EmbedResponse.from_json(
+                pending.handle.result(timeout=self.settings.embed_task_timeout_s)
+            )
+        except TimeoutError:
+            raise SearchsvcError(
+                f"no embed worker finished a task within {self.settings.embed_task_timeout_s:g} s "
+                "(are workers running on the 'embed' queue?); unfinished images stay pending: "
+                "run the ingest again to finish them"
+            ) from None
         except BrokerError:
             raise
         except SearchsvcError as exc:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -259,13 +259,27 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
     )
 
 
+RequestT = TypeVar("RequestT", EmbedRequest, RerankRequest)
+
+
+def _parse(kind: type[RequestT], payload: Any) -> RequestT:
+    """A request from JSON, or a ValueError that says what is malformed (never retried:
+    the same message would fail the same way)."""
+    try:
+        if not isinstance(payload, dict):
+            raise TypeError(f"expected a JSON object, got {type(payload).__name__}")
+        return kind.from_json(payload)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed {kind.__name__}: {type(exc).__name__}: {exc}") from None
+
+
 def task_functions(ctx: TaskContext) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
     """Task name -> JSON-in/JSON-out function, for the in-process dispatcher and workers."""
 
     def embed(payload: dict[str, Any]) -> dict[str, Any]:
-        return embed_images(EmbedRequest.from_json(payload), ctx).to_json()
+        return embed_images(_parse(EmbedRequest, payload), ctx).to_json()
 
     def rerank_task(payload: dict[str, Any]) -> dict[str, Any]:
-        return rerank(RerankRequest.from_json(payload), ctx).to_json()
+        return rerank(_parse(RerankRequest, payload), ctx).to_json()
 
     return {EMBED_TASK: embed, RERANK_TASK: rerank_task}

@@ -43,5 +43,8 @@ app.conf.update(
     task_time_limit=360,
     result_expires=3600,
     broker_connection_retry_on_startup=True,
+    # A task whose worker died (kill -9, lost machine) goes back to the queue after this.
+    broker_transport_options={"visibility_timeout": settings.task_visibility_timeout_s},
+    result_backend_transport_options={"visibility_timeout": settings.task_visibility_timeout_s},
     worker_hijack_root_logger=False,
 )
