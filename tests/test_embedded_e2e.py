@@ -293,3 +293,21 @@ def test_query_log_counts(env_home: Path, catalog: GeneratedCatalog) -> None:
             assert reasons == {"reranking turned off"}
     finally:
         db.dispose()
+
+
+def test_worker_written_index_equals_coordinator_written(
+    env_home: Path, catalog: GeneratedCatalog, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The switch SEARCHSVC_INDEX_WRITER=worker (for a Qdrant server) writes the same points
+    from the task itself; here the in-process task shares this process's index."""
+    ingest_json(catalog.root)
+    by_coordinator = index_point_ids(env_home)
+    answer = query_json(catalog.held_out["p007"])["results"]
+
+    other = tmp_path / "worker-writes"
+    monkeypatch.setenv("SEARCHSVC_HOME", str(other))
+    monkeypatch.setenv("SEARCHSVC_INDEX_WRITER", "worker")
+    summary = ingest_json(catalog.root)
+    assert summary["images_embedded"] == len(by_coordinator)
+    assert index_point_ids(other) == by_coordinator
+    assert query_json(catalog.held_out["p007"])["results"] == answer
