@@ -67,8 +67,9 @@ class Settings:
     rerank_timeout_s: float = 2.0
     rerank_max_batch_pairs: int = 256
     """Pairs one STIR forward may hold when requests are batched across queries."""
-    rerank_batch_wait_ms: float = 5.0
-    """How long a rerank worker waits for other requests to join a batch."""
+    rerank_batch_wait_ms: float = 0.0
+    """How long a rerank worker holds a request for others to join its batch. 0 (default):
+    no added latency; requests that arrive while a forward runs form the next batch."""
     index_writer: IndexWriter = "auto"
     """Who writes vectors: the ingest coordinator (required for an embedded store, which one
     process may open) or the workers (a Qdrant server). ``auto`` picks by ``qdrant_url``."""
@@ -82,6 +83,11 @@ class Settings:
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""
     seed: int = 0
+    split_seed: int = 0
+    """Seed of the train/validation split by product (retrain and ``searchsvc eval``)."""
+    val_fraction: float = 0.2
+    """Share of the products held out for validation: model selection and the promotion
+    gate; never trained on."""
     config_file: Path | None = field(default=None, compare=False)
 
     # Derived locations: one place decides where each thing lives.
@@ -202,6 +208,8 @@ def _validate(settings: Settings) -> None:
         fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
     if not math.isfinite(settings.rerank_timeout_s) or settings.rerank_timeout_s <= 0:
         fail("rerank_timeout_s", "must be a positive, finite number of seconds")
+    if not 0.0 < settings.val_fraction < 1.0:
+        fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):
         value = getattr(settings, name)
         if value and "://" not in value:

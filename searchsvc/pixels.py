@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,15 @@ from searchsvc.errors import ImageError
 
 
 class PixelStore:
-    def __init__(self, root: Path) -> None:
+    """``cache_bytes``: decoded pixels of recently read images are kept in memory (LRU, up to
+    this many bytes), since popular products come back query after query."""
+
+    def __init__(self, root: Path, *, cache_bytes: int = 256 * 1024 * 1024) -> None:
         self.root = root
+        self._cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self._lock = threading.Lock()
 
     def path_for(self, content_hash: str, size: int) -> Path:
         return self.root / "pixels" / str(size) / content_hash[:2] / f"{content_hash}.png"
@@ -50,6 +59,24 @@ class PixelStore:
         return target
 
     def get(self, content_hash: str, size: int) -> np.ndarray:
+        key = (content_hash, size)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        pixels = self._read(content_hash, size)
+        pixels.flags.writeable = False  # shared by every caller of the cache
+        with self._lock:
+            if key not in self._cache and pixels.nbytes <= self._cache_bytes:
+                self._cache[key] = pixels
+                self._cached += pixels.nbytes
+                while self._cached > self._cache_bytes:
+                    _, evicted = self._cache.popitem(last=False)
+                    self._cached -= evicted.nbytes
+        return pixels
+
+    def _read(self, content_hash: str, size: int) -> np.ndarray:
         path = self.path_for(content_hash, size)
         try:
             with Image.open(path) as image:

@@ -126,3 +126,24 @@ def test_get_wrong_shape_raises_image_error(tmp_path: Path):
     Image.fromarray(pixels(8)).save(path)  # an 8x8 file where 16x16 belongs
     with pytest.raises(ImageError, match="shape"):
         store.get(HASH, 16)
+
+
+def test_recent_pixels_are_served_from_memory_within_the_byte_budget(tmp_path: Path) -> None:
+    pixel_bytes = 8 * 8 * 3
+    store = PixelStore(tmp_path, cache_bytes=2 * pixel_bytes)
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"{n:02d}" + "a" * 62: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for n in range(3)
+    }
+    for digest, pixels in arrays.items():
+        store.put(digest, pixels)
+    first, second, third = arrays
+    assert np.array_equal(store.get(first, 8), arrays[first])
+    store.path_for(first, 8).unlink()  # served from memory now
+    assert np.array_equal(store.get(first, 8), arrays[first])
+    store.get(second, 8)
+    store.get(third, 8)  # over budget: the least recently used (first) leaves
+    with pytest.raises(ImageError):
+        store.get(first, 8)
+    cached = store.get(third, 8)
+    assert not cached.flags.writeable  # shared between callers: nobody may change it
