@@ -81,6 +81,7 @@ class App:
             self.dispatcher,
             version,
             embedder_dim(version.file),
+            max_in_flight=self.settings.ingest_tasks_in_flight,
         )
         return coordinator.run(root, sync=sync, progress=progress)
 

@@ -73,6 +73,9 @@ class Settings:
     index_writer: IndexWriter = "auto"
     """Who writes vectors: the ingest coordinator (required for an embedded store, which one
     process may open) or the workers (a Qdrant server). ``auto`` picks by ``qdrant_url``."""
+    ingest_tasks_in_flight: int = 4
+    """Embed tasks the ingest coordinator keeps queued at once (about 2 per embed worker
+    keeps a pool busy); memory grows with this times the batch size, not the catalog."""
     index_lock_wait_s: float = 600.0
     """How long an ingest waits for another process to release the embedded index (two
     ingests started together run one after the other); queries never wait."""
@@ -199,6 +202,7 @@ def _validate(settings: Settings) -> None:
         "max_image_bytes",
         "top_k",
         "rerank_max_batch_pairs",
+        "ingest_tasks_in_flight",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")
