@@ -1,0 +1,98 @@
+"""Model versions and the per-process cache: workers pick up a new version without restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from searchsvc.config import Settings
+from searchsvc.db import Database, ModelKind, ModelVersion
+from searchsvc.errors import ModelError
+from searchsvc.model_store import (
+    ModelCache,
+    activate_version,
+    active_version,
+    ensure_active_embedder,
+    register_version,
+)
+from searchsvc.models.embedder import load_embedding_net, new_embedding_net, save_embedder
+from searchsvc.models.profiles import PROFILES
+from searchsvc.models.stir import StirConfig, StirNet, save_stir
+
+
+@pytest.fixture
+def db(settings: Settings) -> Database:
+    database = Database(settings.sqlalchemy_url)
+    yield database  # type: ignore[misc]
+    database.dispose()
+
+
+def _stir_file(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    net = new_embedding_net(PROFILES["small"], seed=seed)
+    save_stir(StirNet.from_embedder(net, StirConfig(spec=net.spec)), path)
+    return path
+
+
+def test_first_embedder_is_created_once_and_written_to_a_file(
+    settings: Settings, db: Database
+) -> None:
+    first = ensure_active_embedder(db, settings)
+    again = ensure_active_embedder(db, settings)
+    assert first == again and first.file.is_file()
+    assert first.collection == f"images_v{first.id}"
+    # The stored weights are the seeded start: the same seed rebuilds them exactly.
+    stored = load_embedding_net(first.file).state_dict()
+    rebuilt = new_embedding_net(PROFILES["small"], seed=settings.seed).state_dict()
+    assert all(torch.equal(stored[k], rebuilt[k]) for k in rebuilt)
+
+
+def test_cache_reloads_when_the_active_version_moves(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    cache = ModelCache(settings, db)
+    v1, embedder1 = cache.embedder()
+    assert cache.embedder()[1] is embedder1  # loaded once
+
+    other = new_embedding_net(PROFILES["small"], seed=7)
+    save_embedder(other, tmp_path / "e2.safetensors")
+    v2 = register_version(db, settings, ModelKind.EMBEDDER, tmp_path / "e2.safetensors")
+    activate_version(db, v2)
+    version, embedder2 = cache.embedder()
+    assert version.id == v2 and embedder2 is not embedder1
+
+    s1 = register_version(db, settings, ModelKind.STIR, _stir_file(tmp_path / "s1.safetensors", 1))
+    s2 = register_version(db, settings, ModelKind.STIR, _stir_file(tmp_path / "s2.safetensors", 2))
+    activate_version(db, s1)
+    first = active_version(db, ModelKind.STIR)
+    assert first is not None
+    scorer1, batcher1 = cache.stir(first)
+    assert cache.stir(first)[0] is scorer1
+    activate_version(db, s2)
+    second = active_version(db, ModelKind.STIR)
+    assert second is not None and second.id == s2
+    scorer2, _ = cache.stir(second)
+    assert scorer2 is not scorer1
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher1.submit([1])  # the old version's batcher was shut down
+    cache.close()
+
+    with db.session() as session:
+        active = session.scalars(select(ModelVersion.id).where(ModelVersion.active.is_(True)))
+        assert sorted(active) == sorted([v2, s2])  # one active per kind
+    assert v1.id != v2
+
+
+def test_an_unloadable_file_is_refused_before_it_becomes_a_version(
+    settings: Settings, db: Database, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"junk")
+    bad.with_suffix(".json").write_text('{"kind": "stir"}')
+    with pytest.raises(ModelError):
+        register_version(db, settings, ModelKind.STIR, bad)
+    with db.session() as session:
+        assert session.scalars(select(ModelVersion)).first() is None
