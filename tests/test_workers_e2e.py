@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import redis
 from catalog_factory import GeneratedCatalog
 from click.testing import CliRunner
+from workers_harness import cli_env, start_worker, stop
 
 from searchsvc.cli import main
 from searchsvc.index import EdgeIndex
@@ -35,48 +35,11 @@ def broker(monkeypatch: pytest.MonkeyPatch) -> str:
     return REDIS_URL
 
 
-def start_worker(home: Path, broker: str, queue: str, name: str) -> subprocess.Popen[bytes]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SEARCHSVC_")},
-        "SEARCHSVC_HOME": str(home),
-        "SEARCHSVC_BROKER_URL": broker,
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "-Q",
-            queue,
-            "--pool",
-            "solo",
-            "-n",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-l",
-            "warning",
-        ],
-        env=env,
-        cwd=Path(__file__).resolve().parent.parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 @pytest.fixture
 def embed_worker(env_home: Path, broker: str) -> Iterator[subprocess.Popen[bytes]]:
-    worker = start_worker(env_home, broker, "embed", "embed1")
+    worker = start_worker(cli_env(env_home, {"SEARCHSVC_BROKER_URL": broker}), "embed", "embed1")
     yield worker
-    worker.terminate()
-    try:
-        worker.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        worker.kill()
+    stop(worker)
 
 
 def points(home: Path) -> set[str]:
