@@ -423,34 +423,33 @@ class IngestCoordinator:
             return 0
 
         by_id = {item.image_id: item for item in pending.items}
-        points: list[IndexPoint] = []
-        stale: list[str] = []
-        for result in response.results:
-            if result.error is None and not response.indexed_by_worker:
-                item = by_id[result.image_id]
-                assert result.vector_b64 is not None
-                points.append(
-                    IndexPoint(
-                        point_id=point_id_for(item.product_id, item.content_hash),
-                        vector=decode_vector(result.vector_b64),
-                        product_id=item.product_id,
-                        image_id=item.image_id,
-                        category=item.category,
-                    )
-                )
-            old = pending.old_points.get(result.image_id)
-            new = point_id_for(
-                by_id[result.image_id].product_id, by_id[result.image_id].content_hash
+        new_points = {
+            item.image_id: point_id_for(item.product_id, item.content_hash)
+            for item in pending.items
+        }
+        points = [
+            IndexPoint(
+                point_id=new_points[result.image_id],
+                vector=decode_vector(result.vector_b64),
+                product_id=by_id[result.image_id].product_id,
+                image_id=result.image_id,
+                category=by_id[result.image_id].category,
             )
-            if old and old != new:
-                stale.append(old)
+            for result in response.results
+            if result.error is None and result.vector_b64 is not None
+        ]
+        # A changed image's old point goes, whether or not its new content embedded.
+        stale = [
+            old
+            for image_id, old in pending.old_points.items()
+            if old and old != new_points[image_id]
+        ]
         if self.index is not None:
             if points:
                 self.index.upsert(self._collection(), points)
             if stale:
                 self.index.delete(self._collection(), stale)
 
-        failed = 0
         with self.db.session() as session:
             rows = {
                 row.id: row for row in session.scalars(select(Image).where(Image.id.in_(by_id)))
@@ -463,7 +462,7 @@ class IngestCoordinator:
                 if result.error is None:
                     row.status = ImageStatus.INDEXED
                     row.error = None
-                    row.point_id = point_id_for(item.product_id, item.content_hash)
+                    row.point_id = new_points[result.image_id]
                     row.embedder_version_id = response.embedder_version
                     row.width, row.height = result.width, result.height
                     summary.images_embedded += 1
@@ -471,7 +470,6 @@ class IngestCoordinator:
                     row.status = ImageStatus.FAILED
                     row.error = result.error
                     row.point_id = None
-                    failed += 1
                     summary.images_failed += 1
                     summary.add_problem(
                         CatalogProblem(f"{item.product_id}/{row.filename}", result.error)
