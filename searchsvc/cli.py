@@ -285,6 +285,64 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"{name}: {where}")
 
 
+@main.command("eval")
+@click.option(
+    "--queries",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Labelled query photos (a folder per product, or files named PRODUCT__*.jpg) to run "
+    "against the live index; without it, the catalog's validation split.",
+)
+@click.option(
+    "--split",
+    "side",
+    type=click.Choice(["val", "train"]),
+    default="val",
+    show_default=True,
+    help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: bool) -> None:
+    """Retrieval quality of the serving models: CMC@1/5/10, precision@5, mAP@5/10, for the
+    embedder alone and with the active STIR reranking the top 5 and 10 (STIR.md metrics)."""
+    from searchsvc import evaluation
+
+    settings = _settings(ctx)
+    record: dict[str, Any]
+    if queries is not None:
+        query_set = evaluation.load_query_set(queries)
+        app = _app(settings)
+        try:
+            report = evaluation.evaluate_live(app, query_set)
+        finally:
+            app.close()
+        record = {"source": "live index", "queries": str(queries)}
+    else:
+        from searchsvc.db import Database
+        from searchsvc.pixels import PixelStore
+
+        database = Database(settings.sqlalchemy_url)
+        try:
+            report, split = evaluation.evaluate_served_on_split(
+                settings, database, PixelStore(settings.media_dir), side=side
+            )
+        finally:
+            database.dispose()
+        record = {"source": f"catalog split ({side})", "split": split}
+    if as_json:
+        click.echo(json.dumps({**record, **report.to_json()}, indent=2))
+        return
+    models = ", ".join(f"{kind} {version}" for kind, version in report.models.items())
+    click.echo(
+        f"{record['source']}: {report.n_queries} queries ({report.n_skipped} without a relevant "
+        f"image), gallery {report.n_gallery} images; models: {models}"
+    )
+    if report.unreadable:
+        click.echo(f"  {report.unreadable} images could not be read")
+    click.echo(evaluation.format_table({"serving": report}))
+
+
 @main.command("demo-catalog")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--products", default=300, show_default=True, type=click.IntRange(min=1))

@@ -1,0 +1,547 @@
+"""Retrieval quality of an embedder, alone and with a STIR reranker, as STIR.md defines it.
+
+Metrics (all from :mod:`searchsvc.metrics`): CMC@1/5/10, precision@5, mAP@5/10, for the
+first stage alone (row ``embedder``) and reranked by STIR at ``top_n`` 5 and 10 (rows
+``stir@5``, ``stir@10``). Relevance is by product; items are images.
+
+Two ways to get a ranking:
+
+- a labelled **evaluation set** (:class:`EvalSet`): the catalog's validation split, say. Its
+  gallery is embedded and searched exactly (brute force, cosine), so two models are compared
+  on identical items. Queries may be gallery items themselves (the SOP protocol): such a
+  query is excluded from its own results and from its own ground truth;
+- a labelled **query set against the live index** (:func:`evaluate_live`): the served
+  embedder and reranker, the collection the alias names, nothing logged.
+
+The rerank step is the query path's own: :func:`searchsvc.rerank.merge_reranked`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import func, select
+
+from searchsvc.db import Database, Image, ImageStatus, ModelKind, ModelVersion
+from searchsvc.errors import ImageError, SearchsvcError
+from searchsvc.images import IMAGE_SUFFIXES
+from searchsvc.metrics import relevance_from_labels, retrieval_metrics
+from searchsvc.model_store import ActiveVersion, active_version
+from searchsvc.models.embedder import Embedder
+from searchsvc.models.stir import StirScorer
+from searchsvc.pixels import PixelStore
+from searchsvc.rerank import merge_reranked
+from searchsvc.training_data import (
+    DataSplit,
+    LabelledImage,
+    PixelLoader,
+    load_training_data,
+    refs_of,
+    require_val_queries,
+    split_data,
+)
+
+if TYPE_CHECKING:
+    from searchsvc.app import App
+    from searchsvc.config import Settings
+
+KS = (1, 5, 10)
+REPORTED = ("cmc@1", "cmc@5", "cmc@10", "precision@5", "map@5", "map@10")
+"""The metrics every report carries, in table order."""
+TOP_NS = (5, 10)
+"""STIR is evaluated reranking the first 5 and the first 10 results."""
+PAIR_BATCH = 256
+
+IntArray = NDArray[np.int64]
+FloatArray = NDArray[np.float64]
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def first_stage(
+    query_vectors: np.ndarray,
+    gallery_vectors: np.ndarray,
+    k: int,
+    *,
+    self_index: Sequence[int] | np.ndarray | None = None,
+) -> tuple[IntArray, FloatArray]:
+    """Top ``k`` gallery items per query by cosine distance (``1 - q.g`` of unit vectors,
+    as the query path reports it), nearest first, ties in gallery order.
+
+    ``self_index[q]`` is the gallery position of query ``q`` when it is a gallery item, -1
+    otherwise; a query never ranks itself. Returns ``(Q, K)`` indices and distances with
+    ``K = min(k, gallery size - 1 if any query is in the gallery else gallery size)``.
+    """
+    q = np.asarray(query_vectors, dtype=np.float64)
+    g = np.asarray(gallery_vectors, dtype=np.float64)
+    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"expected (Q, D) and (G, D) vectors, got {q.shape} and {g.shape}")
+    distances = 1.0 - q @ g.T
+    own = _self_index(self_index, len(q), len(g))
+    has_self = own >= 0
+    distances[np.flatnonzero(has_self), own[has_self]] = np.inf
+    width = min(k, len(g) - (1 if has_self.any() else 0))
+    if width < 1:
+        raise ValueError(f"the gallery has {len(g)} items: nothing to rank")
+    order = np.argsort(distances, axis=1, kind="stable")[:, :width].astype(np.int64)
+    return order, np.take_along_axis(distances, order, axis=1)
+
+
+def _self_index(
+    self_index: Sequence[int] | np.ndarray | None, n_queries: int, n_gallery: int
+) -> IntArray:
+    own = (
+        np.full(n_queries, -1, dtype=np.int64)
+        if self_index is None
+        else np.asarray(self_index, dtype=np.int64)
+    )
+    if own.shape != (n_queries,) or own.max(initial=-1) >= n_gallery or own.min(initial=0) < -1:
+        raise ValueError(f"self_index must be ({n_queries},) gallery positions or -1")
+    return own
+
+
+def relevant_counts(
+    query_labels: Sequence[str],
+    gallery_labels: Sequence[str],
+    self_index: Sequence[int] | np.ndarray | None = None,
+) -> IntArray:
+    """Per query: gallery items with its label, not counting the query itself."""
+    counts: dict[str, int] = {}
+    for label in gallery_labels:
+        counts[label] = counts.get(label, 0) + 1
+    own = _self_index(self_index, len(query_labels), len(gallery_labels))
+    return np.array(
+        [counts.get(label, 0) - (1 if own[n] >= 0 else 0) for n, label in enumerate(query_labels)],
+        dtype=np.int64,
+    )
+
+
+def relevance_at(ranked_labels: np.ndarray, query_labels: Sequence[str], k: int) -> np.ndarray:
+    """``(Q, k)`` relevance of each query's ranked labels. A ranking shorter than ``k`` (a
+    small gallery) is padded with misses: its "top k" is all there is."""
+    ranked = np.asarray(ranked_labels, dtype=object)
+    rel = relevance_from_labels(np.asarray(query_labels, dtype=object), ranked)[:, :k]
+    if rel.shape[1] < k:
+        rel = np.pad(rel, ((0, 0), (0, k - rel.shape[1])), constant_values=False)
+    return rel
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    metrics: dict[str, float]
+    n_queries: int
+    n_skipped: int
+
+
+def score(
+    ranked_labels: np.ndarray, query_labels: Sequence[str], n_relevant: IntArray
+) -> MetricRow:
+    """The reported metrics of one ranking; queries with nothing relevant are skipped."""
+    rel = relevance_at(ranked_labels, query_labels, max(KS))
+    report = retrieval_metrics(rel, n_relevant, ks=KS)
+    return MetricRow(
+        {name: report.metrics[name] for name in REPORTED}, report.n_queries, report.n_skipped
+    )
+
+
+def rerank_order(distances: np.ndarray, stir_distances: np.ndarray, top_n: int) -> IntArray:
+    """Per query, the positions of the first-stage ranking in the reranked order: the first
+    ``top_n`` re-sorted by STIR distance, the rest unchanged (:func:`merge_reranked`)."""
+    dist = np.asarray(distances, dtype=np.float64)
+    stir = np.asarray(stir_distances, dtype=np.float64)
+    n = min(top_n, dist.shape[1])
+    if stir.shape != (dist.shape[0], n):
+        raise ValueError(f"expected ({dist.shape[0]}, {n}) STIR distances, got {stir.shape}")
+    if n < 2:
+        return np.tile(np.arange(dist.shape[1], dtype=np.int64), (dist.shape[0], 1))
+    return np.array(
+        [merge_reranked(row, s, n).order for row, s in zip(dist, stir, strict=True)],
+        dtype=np.int64,
+    )
+
+
+PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""``(N, S, S, 3)`` query pixels x ``(N, S, S, 3)`` candidate pixels -> ``(N,)`` distances."""
+
+
+def stir_distances(
+    score_pairs: PairScorer,
+    query_pixels: np.ndarray,
+    candidate_pixels: Callable[[np.ndarray], np.ndarray],
+    candidates: np.ndarray,
+    top_n: int,
+    batch: int = PAIR_BATCH,
+) -> FloatArray:
+    """``(Q, n)`` STIR distances of each query against its first ``n = min(top_n, K)``
+    candidates, scored in batches of ``batch`` pairs. ``candidate_pixels`` maps an array of
+    candidate keys (gallery indices) to their pixels."""
+    n = min(top_n, candidates.shape[1])
+    q_idx = np.repeat(np.arange(len(candidates)), n)
+    c_keys = candidates[:, :n].reshape(-1)
+    out = np.empty(len(q_idx), dtype=np.float64)
+    for start in range(0, len(q_idx), batch):
+        end = start + batch
+        out[start:end] = score_pairs(
+            query_pixels[q_idx[start:end]], candidate_pixels(c_keys[start:end])
+        )
+    return out.reshape(len(candidates), n)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Metrics rows (``embedder``, ``stir@5``, ``stir@10``) of one evaluation."""
+
+    rows: dict[str, dict[str, float]]
+    n_queries: int
+    n_skipped: int
+    n_gallery: int
+    unreadable: int = 0
+    seconds: float = 0.0
+    models: dict[str, str] = field(default_factory=dict)
+    """Which versions were evaluated: ``{"embedder": "v1", "stir": "v3"}``."""
+
+    def metric(self, name: str, row: str = "embedder") -> float:
+        try:
+            return self.rows[row][name]
+        except KeyError:
+            raise SearchsvcError(
+                f"no metric {name!r} in row {row!r} (rows: {', '.join(self.rows)}; metrics: "
+                f"{', '.join(REPORTED)})"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "n_queries": self.n_queries,
+            "n_skipped": self.n_skipped,
+            "n_gallery": self.n_gallery,
+            "unreadable": self.unreadable,
+            "seconds": round(self.seconds, 3),
+            "models": self.models,
+        }
+
+
+def format_table(reports: Mapping[str, EvalReport]) -> str:
+    """One line per (report, row), metrics in percent."""
+    width = max([len(f"{name} {row}") for name, r in reports.items() for row in r.rows] + [5])
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{m:>11}" for m in REPORTED)]
+    for name, report in reports.items():
+        for row, metrics in report.rows.items():
+            cells = "  ".join(f"{100 * metrics[m]:>11.2f}" for m in REPORTED)
+            lines.append(f"{f'{name} {row}':<{width}}  {cells}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- evaluation sets
+
+
+@dataclass
+class EvalSet:
+    """A labelled gallery and labelled queries; queries may be gallery items."""
+
+    gallery: list[LabelledImage]
+    queries: list[LabelledImage]
+    self_index: np.ndarray
+    """``(Q,)`` gallery position of each query, -1 when it is not a gallery item."""
+    loader: PixelLoader
+    _pixels: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def from_split(cls, split: DataSplit, loader: PixelLoader, side: str = "val") -> EvalSet:
+        """Gallery: the side's catalog images. Queries: every gallery image (self excluded)
+        and the side's logged query photos (not gallery items: a shopper's photo is never
+        a search result)."""
+        items = split.val if side == "val" else split.train
+        return cls.from_images(items, loader)
+
+    @classmethod
+    def from_images(cls, items: Sequence[LabelledImage], loader: PixelLoader) -> EvalSet:
+        gallery = [i for i in items if i.source == "catalog"]
+        photos = [i for i in items if i.source == "query"]
+        self_index = np.concatenate([np.arange(len(gallery)), np.full(len(photos), -1)]).astype(
+            np.int64
+        )
+        return cls(gallery, gallery + photos, self_index, loader)
+
+    def pixels(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(gallery pixels, query pixels) at ``size``, decoded once per size."""
+        key = ("gallery", size)
+        if key not in self._pixels:
+            self._pixels[key] = self.loader.many(refs_of(self.gallery), size)
+            photos = [q for q, own in zip(self.queries, self.self_index, strict=True) if own < 0]
+            self._pixels[("photos", size)] = self.loader.many(refs_of(photos), size)
+        gallery, _ = self._pixels[key]
+        photos_px, _ = self._pixels[("photos", size)]
+        own = self.self_index[self.self_index >= 0]
+        return gallery, np.concatenate([gallery[own], photos_px])
+
+    def unreadable(self, size: int) -> int:
+        self.pixels(size)
+        return int((~self._pixels[("gallery", size)][1]).sum()) + int(
+            (~self._pixels[("photos", size)][1]).sum()
+        )
+
+
+@dataclass(frozen=True)
+class FirstStageResult:
+    """An embedder's ranking of an evaluation set, kept so that rerankers can be scored on
+    top of it without embedding again (STIR validation after every epoch)."""
+
+    eval_set: EvalSet
+    ranked: IntArray
+    distances: FloatArray
+    query_labels: list[str]
+    gallery_labels: np.ndarray
+    n_relevant: IntArray
+    base: MetricRow
+
+    def reranked(
+        self, score_pairs: PairScorer, size: int, top_ns: Sequence[int] = TOP_NS
+    ) -> dict[str, dict[str, float]]:
+        """Rows ``stir@<top_n>``: the ranking reranked by a pair scorer of ``size`` pixels."""
+        gallery_px, query_px = self.eval_set.pixels(size)
+        widest = stir_distances(
+            score_pairs, query_px, lambda keys: gallery_px[keys], self.ranked, max(top_ns)
+        )
+        rows = {}
+        for top_n in top_ns:
+            n = min(top_n, self.ranked.shape[1])
+            order = rerank_order(self.distances, widest[:, :n], n)
+            reordered = np.take_along_axis(self.ranked, order, axis=1)
+            rows[f"stir@{top_n}"] = score(
+                self.gallery_labels[reordered], self.query_labels, self.n_relevant
+            ).metrics
+        return rows
+
+
+def rank_eval_set(
+    eval_set: EvalSet, embedder: Embedder, *, depth: int = max(KS), batch_size: int = 64
+) -> FirstStageResult:
+    """Embed the set and rank its gallery for every query (brute force, exact)."""
+    size = embedder.info.input_size
+    gallery_px, query_px = eval_set.pixels(size)
+    gallery_vec = embedder.embed(gallery_px, batch_size=batch_size)
+    query_vec = embedder.embed(query_px, batch_size=batch_size)
+    ranked, distances = first_stage(query_vec, gallery_vec, depth, self_index=eval_set.self_index)
+    query_labels = [q.label for q in eval_set.queries]
+    gallery_labels = np.array([g.label for g in eval_set.gallery], dtype=object)
+    n_relevant = relevant_counts(query_labels, list(gallery_labels), eval_set.self_index)
+    base = score(gallery_labels[ranked], query_labels, n_relevant)
+    return FirstStageResult(
+        eval_set, ranked, distances, query_labels, gallery_labels, n_relevant, base
+    )
+
+
+def evaluate(
+    eval_set: EvalSet,
+    embedder: Embedder,
+    stir: StirScorer | None = None,
+    *,
+    top_ns: Sequence[int] = TOP_NS,
+    batch_size: int = 64,
+    models: Mapping[str, str] | None = None,
+) -> EvalReport:
+    """Embed the set, rank by brute force, score; with ``stir``, rerank at each ``top_n``."""
+    started = time.perf_counter()
+    result = rank_eval_set(eval_set, embedder, depth=max([*KS, *top_ns]), batch_size=batch_size)
+    rows = {"embedder": result.base.metrics}
+    if stir is not None:
+        rows.update(result.reranked(stir.score_pairs, stir.info.input_size, top_ns))
+    return EvalReport(
+        rows=rows,
+        n_queries=result.base.n_queries,
+        n_skipped=result.base.n_skipped,
+        n_gallery=len(eval_set.gallery),
+        unreadable=eval_set.unreadable(embedder.info.input_size),
+        seconds=time.perf_counter() - started,
+        models=dict(models or {}),
+    )
+
+
+def evaluate_served_on_split(
+    settings: Settings, db: Database, pixels: PixelStore | None = None, *, side: str = "val"
+) -> tuple[EvalReport, dict[str, Any]]:
+    """The active embedder (and active reranker, if any) on one side of the catalog split
+    (``SEARCHSVC_SPLIT_SEED``, ``SEARCHSVC_VAL_FRACTION``): what ``searchsvc eval`` prints
+    without ``--queries``. Reads the DB and the image files; the index is not opened.
+    Returns the report and the split's record."""
+    split = split_data(
+        load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
+    )
+    if side == "val":
+        require_val_queries(split)
+    embedder_version = active_version(db, ModelKind.EMBEDDER)
+    if embedder_version is None:
+        raise SearchsvcError("no embedder yet: run 'searchsvc ingest CATALOG' first")
+    stir_version = active_version(db, ModelKind.STIR)
+    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, pixels)
+    eval_set = EvalSet.from_split(split, loader, side)
+    if not eval_set.gallery:
+        raise SearchsvcError(f"the {side} side of the split holds no catalog image")
+    embedder = Embedder.from_file(
+        embedder_version.file, device=settings.device, precision=settings.precision
+    )
+    stir = (
+        StirScorer.from_file(
+            stir_version.file, device=settings.device, precision=settings.precision
+        )
+        if stir_version is not None
+        else None
+    )
+    models = {"embedder": f"v{embedder_version.id}"}
+    if stir_version is not None:
+        models["stir"] = f"v{stir_version.id}"
+    top_ns = sorted({*TOP_NS, settings.rerank_top_n})
+    report = evaluate(
+        eval_set, embedder, stir, top_ns=top_ns, batch_size=settings.batch_size, models=models
+    )
+    return report, split.record
+
+
+# --------------------------------------------------------------------------- live index
+
+
+@dataclass(frozen=True)
+class LabelledQuery:
+    label: str
+    path: Path
+
+
+def load_query_set(root: Path) -> list[LabelledQuery]:
+    """Labelled query photos from a folder: either one sub-folder per product (the catalog
+    layout) or files named ``<product_id>__<anything>.<ext>`` (or ``<product_id>.<ext>``),
+    as ``searchsvc demo-catalog`` writes its held-out queries."""
+    if not root.is_dir():
+        raise SearchsvcError(f"{root}: not a folder of labelled query photos")
+    queries: list[LabelledQuery] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            queries.extend(
+                LabelledQuery(entry.name, f)
+                for f in sorted(entry.iterdir())
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+        elif entry.suffix.lower() in IMAGE_SUFFIXES:
+            queries.append(LabelledQuery(entry.stem.split("__")[0], entry))
+    if not queries:
+        raise SearchsvcError(f"{root}: no labelled query photos found")
+    return queries
+
+
+def evaluate_live(
+    app: App, queries: Sequence[LabelledQuery], *, top_ns: Sequence[int] = TOP_NS
+) -> EvalReport:
+    """The served models on the live index: the embedder whose collection the alias names,
+    the active reranker (if any). Images are the items; a query's relevant items are its
+    product's indexed images. Nothing is written to the query log."""
+    started = time.perf_counter()
+    settings = app.settings
+    collection = app.index.resolve_alias(settings.collection_alias)
+    if collection is None:
+        raise SearchsvcError("the index has no collection yet: run 'searchsvc ingest' first")
+    with app.db.session() as session:
+        row = session.scalars(
+            select(ModelVersion).where(
+                ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.collection == collection
+            )
+        ).first()
+        if row is None:
+            raise SearchsvcError(f"collection {collection} belongs to no embedder version")
+        served = ActiveVersion(row.id, Path(row.file), row.collection)
+    _, embedder = app.models.embedder(served)
+    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels)
+    size = embedder.info.input_size
+    query_px, ok = loader.many([(q.path, "") for q in queries], size)
+    kept = [q for q, good in zip(queries, ok, strict=True) if good]
+    query_px = query_px[ok]
+    vectors = embedder.embed(query_px, batch_size=settings.batch_size)
+    depth = max([*KS, *top_ns])
+    hits = [app.index.search(collection, vector, limit=depth) for vector in vectors]
+    width = max([len(h) for h in hits] + [1])
+    labels = np.full((len(kept), width), "", dtype=object)
+    image_ids = np.full((len(kept), width), -1, dtype=np.int64)
+    distances = np.full((len(kept), width), np.inf)
+    for n, row_hits in enumerate(hits):
+        for r, hit in enumerate(row_hits):
+            labels[n, r], image_ids[n, r], distances[n, r] = (
+                hit.product_id,
+                hit.image_id,
+                1 - hit.score,
+            )
+    query_labels = [q.label for q in kept]
+    with app.db.session() as session:
+        per_product = dict(
+            session.execute(
+                select(Image.product_id, func.count())
+                .where(Image.status == ImageStatus.INDEXED, Image.product_id.in_(set(query_labels)))
+                .group_by(Image.product_id)
+            ).all()
+        )
+    n_relevant = np.array([per_product.get(label, 0) for label in query_labels], dtype=np.int64)
+    base = score(labels, query_labels, n_relevant)
+    rows = {"embedder": base.metrics}
+    models = {"embedder": f"v{served.id}"}
+    stir_version = active_version(app.db, ModelKind.STIR)
+    full = bool(len(hits)) and all(len(h) == width for h in hits)
+    if stir_version is not None and full and width >= 2:
+        scorer, _ = app.models.stir(stir_version)
+        s_size = scorer.info.input_size
+        s_queries, _ = loader.many([(q.path, "") for q in kept], s_size)
+        hashes = _content_hashes(app, {int(i) for i in image_ids.reshape(-1)})
+        store = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, app.pixels)
+
+        def candidate_pixels(keys: np.ndarray) -> np.ndarray:
+            out = []
+            for key in keys:
+                path, digest = hashes[int(key)]
+                try:
+                    out.append(store.one(path, digest, s_size))
+                except ImageError:
+                    out.append(np.zeros((s_size, s_size, 3), np.uint8))
+            return np.stack(out)
+
+        widest = stir_distances(
+            scorer.score_pairs, s_queries, candidate_pixels, image_ids, max(top_ns)
+        )
+        for top_n in top_ns:
+            n = min(top_n, width)
+            order = rerank_order(distances, widest[:, :n], n)
+            rows[f"stir@{top_n}"] = score(
+                np.take_along_axis(labels, order, axis=1), query_labels, n_relevant
+            ).metrics
+        models["stir"] = f"v{stir_version.id}"
+    return EvalReport(
+        rows=rows,
+        n_queries=base.n_queries,
+        n_skipped=base.n_skipped,
+        n_gallery=app.index.count(collection),
+        unreadable=int((~ok).sum()),
+        seconds=time.perf_counter() - started,
+        models=models,
+    )
+
+
+def _content_hashes(app: App, image_ids: set[int]) -> dict[int, tuple[Path, str]]:
+    out: dict[int, tuple[Path, str]] = {}
+    ids = sorted(i for i in image_ids if i >= 0)
+    for start in range(0, len(ids), 512):
+        with app.db.session() as session:
+            for image_id, path, digest in session.execute(
+                select(Image.id, Image.source_path, Image.content_hash).where(
+                    Image.id.in_(ids[start : start + 512])
+                )
+            ).all():
+                out[image_id] = (Path(path), digest)
+    return out

@@ -1,0 +1,172 @@
+"""Evaluation against hand-computed cases (STIR.md definitions), reranking, the gate, and
+the labelled query set formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from searchsvc.errors import SearchsvcError
+from searchsvc.evaluation import (
+    REPORTED,
+    EvalReport,
+    EvalSet,
+    first_stage,
+    format_table,
+    load_query_set,
+    rank_eval_set,
+    relevance_at,
+    relevant_counts,
+    rerank_order,
+    score,
+)
+from searchsvc.metrics import ranked_indices, retrieval_metrics, self_excluded_relevance
+from searchsvc.models.embedder import Embedder, EmbeddingNet
+from searchsvc.models.profiles import PROFILES
+from searchsvc.promotion import Gate, decide
+from searchsvc.training_data import LabelledImage, PixelLoader
+
+
+def unit(angles_deg: list[float]) -> np.ndarray:
+    a = np.radians(angles_deg)
+    return np.stack([np.cos(a), np.sin(a)], axis=1)
+
+
+def test_queries_in_the_gallery_exclude_themselves_hand_computed() -> None:
+    # Gallery on a circle: A at 0 and 10 deg, B at 25 and 200 deg, C at 100 deg.
+    gallery = unit([0, 10, 25, 200, 100])
+    labels = ["A", "A", "B", "B", "C"]
+    own = np.arange(5)  # every gallery item is also a query (SOP protocol)
+    ranked, distances = first_stage(gallery, gallery, 10, self_index=own)
+    assert ranked.shape == (5, 4)  # k capped at gallery size - 1: self never ranked
+    assert not (ranked == own[:, None]).any()
+    # query 0 (A at 0): 10 (A), 25 (B), 100 (C), 200 (B)
+    assert ranked[0].tolist() == [1, 2, 4, 3]
+    np.testing.assert_allclose(distances[0, 0], 1 - np.cos(np.radians(10)))
+    # query 2 (B at 25): 10 (A), 0 (A), 100 (C), 200 (B): its only positive is last
+    assert ranked[2].tolist() == [1, 0, 4, 3]
+    n_rel = relevant_counts(labels, labels, own)
+    assert n_rel.tolist() == [1, 1, 1, 1, 0]  # C has no other image: skipped
+    row = score(np.array(labels, dtype=object)[ranked], labels, n_rel)
+    assert row.n_queries == 4 and row.n_skipped == 1
+    # CMC@1: q0 hit, q1 hit (0 is closest to 10), q2 miss, q3 (200 deg: 100 first) miss
+    assert row.metrics["cmc@1"] == pytest.approx(2 / 4)
+    # CMC@5 (the whole list): every query finds its positive
+    assert row.metrics["cmc@5"] == pytest.approx(1.0)
+    # precision@5 = hits / min(5, n_rel) = 1 for all four
+    assert row.metrics["precision@5"] == pytest.approx(1.0)
+    # mAP@5 with one hit at rank r is 1/r: q0 1, q1 1, q2 1/4; q3 (200 deg) ranks
+    # 100 (C, 100 deg away), 0 (160), 10 (170), 25 (B, 175) -> 1/4
+    assert ranked[3].tolist() == [4, 0, 1, 2]
+    assert row.metrics["map@5"] == pytest.approx((1 + 1 + 1 / 4 + 1 / 4) / 4)
+
+
+def test_agrees_with_the_metrics_module_on_the_sop_protocol() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(30, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(10), 3).astype(str)
+    own = np.arange(30)
+    ranked, _ = first_stage(vectors, vectors, 10, self_index=own)
+    mine = score(labels.astype(object)[ranked], list(labels), relevant_counts(labels, labels, own))
+    full = ranked_indices(1 - vectors @ vectors.T, 30)  # includes each query itself
+    rel, n_rel = self_excluded_relevance(labels, full, 10)
+    theirs = retrieval_metrics(rel, n_rel, ks=(1, 5, 10)).metrics
+    for name in REPORTED:
+        assert mine.metrics[name] == pytest.approx(theirs[name]), name
+
+
+def test_a_short_ranking_is_padded_with_misses() -> None:
+    # 3 ranked results but k = 10: the "top 10" is all there is.
+    rel = relevance_at(np.array([["a", "b", "a"]], dtype=object), ["a"], 10)
+    assert rel.shape == (1, 10) and rel.tolist()[0][:3] == [True, False, True]
+    row = score(np.array([["a", "b", "a"]], dtype=object), ["a"], np.array([2]))
+    assert row.metrics["cmc@10"] == 1.0
+    assert row.metrics["precision@5"] == pytest.approx(2 / 2)
+    assert row.metrics["map@10"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+
+
+def test_rerank_reorders_the_first_top_n_only() -> None:
+    distances = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    stir = np.array([[0.9, 0.8, 0.1, 0.5, 0.7]])
+    order = rerank_order(distances, stir, 5)
+    assert order.tolist() == [[2, 3, 4, 1, 0, 5]]
+    assert rerank_order(distances, stir[:, :2], 2).tolist() == [[1, 0, 2, 3, 4, 5]]
+
+
+def _solid(path: Path, colour: tuple[int, int, int]) -> Path:
+    Image.new("RGB", (40, 40), colour).save(path)
+    return path
+
+
+def test_a_perfect_reranker_lifts_cmc1_to_the_first_stage_cmc_at_top_n(tmp_path: Path) -> None:
+    """An oracle STIR (0 for the same product, 1 otherwise) at top_n 5 must score CMC@1
+    equal to the first stage's CMC@5."""
+    rng = np.random.default_rng(1)
+    colours = {f"p{n}": tuple(int(c) for c in rng.integers(0, 255, 3)) for n in range(8)}
+    gallery = []
+    for label, colour in colours.items():
+        for view in range(2):
+            tint = tuple(int(np.clip(c + rng.integers(-40, 40), 0, 255)) for c in colour)
+            path = _solid(tmp_path / f"{label}-{view}.png", tint)  # type: ignore[arg-type]
+            gallery.append(LabelledImage(label, path, f"{label}{view}", "catalog"))
+    eval_set = EvalSet.from_images(gallery, PixelLoader(10**7, 10**8))
+    net = EmbeddingNet(PROFILES["small"])
+    result = rank_eval_set(eval_set, Embedder(net, device="cpu", precision="fp32"))
+    labels_by_pixel = {
+        tuple(px[0, 0]): g.label
+        for px, g in zip(eval_set.pixels(32)[0], eval_set.gallery, strict=True)
+    }
+
+    def oracle(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        return np.array(
+            [
+                0.0 if labels_by_pixel[tuple(q[0, 0])] == labels_by_pixel[tuple(c[0, 0])] else 1.0
+                for q, c in zip(queries, candidates, strict=True)
+            ]
+        )
+
+    rows = result.reranked(oracle, 32, [5, 10])
+    assert rows["stir@5"]["cmc@1"] == pytest.approx(result.base.metrics["cmc@5"])
+    assert rows["stir@10"]["cmc@1"] == pytest.approx(result.base.metrics["cmc@10"])
+    assert rows["stir@5"]["cmc@10"] == pytest.approx(result.base.metrics["cmc@10"])
+    report = EvalReport({"embedder": result.base.metrics, **rows}, 16, 0, 16)
+    text = format_table({"x": report})
+    assert "x stir@5" in text and "cmc@1" in text
+
+
+def test_the_gate() -> None:
+    gate = Gate("cmc@1", 0.02)
+    assert decide(gate, 0.50, 0.47, what="embedder").passed
+    assert not decide(gate, 0.48, 0.47, what="embedder").passed  # below the margin
+    refused = decide(gate, 0.40, 0.47, what="embedder")
+    assert not refused.passed and "kept out of service" in refused.reason
+    assert not decide(Gate("cmc@1", 0.0), 0.47, 0.47, what="x").passed  # ties never win
+    assert decide(Gate("map@5", 0.0), 0.48, 0.47, what="x").passed
+    with pytest.raises(SearchsvcError, match="gate metric"):
+        Gate("recall@1", 0.0)
+    with pytest.raises(SearchsvcError, match="margin"):
+        Gate("cmc@1", -0.1)
+
+
+def test_labelled_query_sets_in_both_layouts(tmp_path: Path) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    _solid(flat / "fm00012__0.jpg", (1, 2, 3))
+    _solid(flat / "p007.png", (1, 2, 3))
+    (flat / "notes.txt").write_text("not an image")
+    assert [(q.label, q.path.name) for q in load_query_set(flat)] == [
+        ("fm00012", "fm00012__0.jpg"),
+        ("p007", "p007.png"),
+    ]
+    nested = tmp_path / "nested"
+    (nested / "p1").mkdir(parents=True)
+    _solid(nested / "p1" / "a.jpg", (1, 2, 3))
+    _solid(nested / "p1" / ".hidden.jpg", (1, 2, 3))
+    assert [(q.label, q.path.name) for q in load_query_set(nested)] == [("p1", "a.jpg")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SearchsvcError, match="no labelled query photos"):
+        load_query_set(tmp_path / "empty")

@@ -1,0 +1,292 @@
+"""The trainer's parts on their own: sampler, miners, losses, augmentation, schedule,
+resumable state, and the STIR freeze (which the reference implementation once lost)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from searchsvc.models.embedder import EmbeddingNet
+from searchsvc.models.profiles import PROFILES
+from searchsvc.models.stir import StirConfig, StirNet
+from trainer import stir as stir_module
+from trainer.augment import random_resized_crop, resize_pixels
+from trainer.data import TrainSet
+from trainer.embedder import EmbedderTrainConfig, train_embedder
+from trainer.loop import Budget, fine_tuning, lr_factor, plan_steps
+from trainer.losses import triplet_loss
+from trainer.miners import all_triplets, hardest_triplets, mine_pairs, pairwise_distances
+from trainer.samplers import BalancedBatchSampler
+from trainer.stir import StirTrainConfig, train_stir
+
+SPEC = dataclasses.replace(
+    PROFILES["small"], timm_kwargs={**PROFILES["small"].timm_kwargs, "depth": 1}
+)
+
+
+def tiny_data(products: int = 6, views: int = 3, seed: int = 0) -> TrainSet:
+    """Products as flat colours with noise, at 36 px (the trainer's load size for 32)."""
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(0, 255, size=(products, 3))
+    pixels = np.clip(
+        colours[:, None, None, None, :] + rng.normal(0, 12, size=(products, views, 36, 36, 3)),
+        0,
+        255,
+    ).astype(np.uint8)
+    names = [f"p{p}" for p in range(products) for _ in range(views)]
+    return TrainSet.from_names(pixels.reshape(-1, 36, 36, 3), names)
+
+
+# ------------------------------------------------------------------------------ sampler
+
+
+def test_balanced_batches_hold_n_labels_times_n_instances_and_repeat_by_seed() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, -1, -1])  # label 3: one image
+    sampler = BalancedBatchSampler(labels, n_labels=2, n_instances=3, seed=5)
+    assert len(sampler) == 2 and sampler.batch_size == 6
+    batches = list(sampler.epoch(0))
+    seen_labels = []
+    for batch in batches:
+        batch_labels = labels[batch]
+        values, counts = np.unique(batch_labels, return_counts=True)
+        assert len(values) == 2 and counts.tolist() == [3, 3]
+        assert (batch_labels >= 0).all()  # unlabelled items never sampled
+        seen_labels.extend(values.tolist())
+    assert sorted(seen_labels) == [0, 1, 2, 3]  # an epoch visits every label once
+    again = list(BalancedBatchSampler(labels, 2, 3, seed=5).epoch(0))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+    other = list(BalancedBatchSampler(labels, 2, 3, seed=5).epoch(1))
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other, strict=True))
+
+
+def test_sampler_refuses_what_cannot_make_a_batch() -> None:
+    with pytest.raises(ValueError, match="2 distinct labels"):
+        BalancedBatchSampler([0, 0, -1], 2, 2)
+    with pytest.raises(ValueError, match="n_instances"):
+        BalancedBatchSampler([0, 1], 2, 1)
+
+
+# ------------------------------------------------------------------------------ miners, losses
+
+
+def test_triplet_loss_hand_computed() -> None:
+    # Four unit vectors on the circle; labels a a b b.
+    angles = torch.tensor([0.0, 0.5, 1.0, 3.0])
+    emb = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    d = pairwise_distances(emb)
+
+    def chord(a: float, b: float) -> float:
+        return float(2 * np.sin(abs(a - b) / 2))
+
+    assert d[0, 1].item() == pytest.approx(chord(0, 0.5), abs=1e-5)
+    d_ap, d_an = hardest_triplets(d, labels)
+    # anchor 0: positive 1 (0.5 rad), closest negative 2 (1.0 rad)
+    assert d_ap[0].item() == pytest.approx(chord(0, 0.5), abs=1e-5)
+    assert d_an[0].item() == pytest.approx(chord(0, 1.0), abs=1e-5)
+    # anchor 2: positive 3 (2.0 rad), closest negative 1 (0.5 rad)
+    assert d_ap[2].item() == pytest.approx(chord(1.0, 3.0), abs=1e-5)
+    assert d_an[2].item() == pytest.approx(chord(1.0, 0.5), abs=1e-5)
+    margin = 0.15
+    expected = np.mean(
+        [
+            max(0.0, chord(0, 0.5) - chord(0, 1.0) + margin),
+            max(0.0, chord(0.5, 0) - chord(0.5, 1.0) + margin),
+            max(0.0, chord(1.0, 3.0) - chord(1.0, 0.5) + margin),
+            max(0.0, chord(3.0, 1.0) - chord(3.0, 0.5) + margin),
+        ]
+    )
+    hardest = triplet_loss(emb, labels, margin=margin, mining="hardest")
+    assert hardest.loss.item() == pytest.approx(expected, abs=1e-5)
+    assert hardest.triplets == 4
+
+    # all triplets: 4 anchors x 1 positive x 2 negatives; mean over the active ones
+    d_ap_all, d_an_all = all_triplets(d, labels, chunk=3)  # chunking must not matter
+    assert len(d_ap_all) == 8
+    losses = torch.relu(d_ap_all - d_an_all + margin)
+    every = triplet_loss(emb, labels, margin=margin, mining="all")
+    assert every.loss.item() == pytest.approx(losses[losses > 0].mean().item(), abs=1e-6)
+    assert every.active == pytest.approx(float((losses > 0).float().mean()))
+
+
+def test_mined_pairs_are_the_hardest_and_deduplicated() -> None:
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [-1.0, 0.0]])
+    labels = np.array([0, 0, 1, 1])
+    first, second, negative = mine_pairs(emb, labels, np.random.default_rng(0), hard_fraction=1.0)
+    pairs = {(int(a), int(b)): bool(n) for a, b, n in zip(first, second, negative, strict=True)}
+    assert pairs[(0, 1)] is False  # anchor 0: its only positive
+    assert pairs[(0, 2)] is True  # anchor 0: closest negative (0.8, 0.6)
+    assert (1, 0) not in pairs  # anchor 1's positive is the same pair: kept once
+    assert len({tuple(sorted(p)) for p in pairs}) == len(pairs)
+    assert all(labels[a] != labels[b] for (a, b), n in pairs.items() if n)
+    assert all(labels[a] == labels[b] for (a, b), n in pairs.items() if not n)
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+
+def test_random_resized_crop_identity_flip_and_reproducibility() -> None:
+    images = torch.rand(3, 3, 16, 16)
+    same = random_resized_crop(images, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
+    torch.testing.assert_close(same, images, atol=1e-4, rtol=0)
+    mirrored = random_resized_crop(images, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)
+    torch.testing.assert_close(mirrored, images.flip(-1), atol=1e-4, rtol=0)
+    a = random_resized_crop(images, 8, generator=torch.Generator().manual_seed(3))
+    b = random_resized_crop(images, 8, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (3, 3, 8, 8) and torch.equal(a, b)
+    pixels = np.full((2, 36, 36, 3), 200, np.uint8)
+    assert resize_pixels(pixels, 32).shape == (2, 32, 32, 3)
+    assert (resize_pixels(pixels, 32) == 200).all()
+
+
+# ------------------------------------------------------------------------------ schedule
+
+
+def test_schedule_and_plan() -> None:
+    assert lr_factor(0, warmup=4, total=20) == pytest.approx(0.25)
+    assert lr_factor(4, warmup=4, total=20) == pytest.approx(1.0)
+    assert lr_factor(20, warmup=4, total=20) == pytest.approx(0.01)
+    assert (
+        plan_steps(
+            100, 4, seconds_per_step=1, validation_seconds=0, steps_per_epoch=10, budget=Budget()
+        )
+        == 100
+    )
+    budget = Budget.of_seconds(10.0)
+    planned = plan_steps(
+        100, 4, seconds_per_step=1.0, validation_seconds=0.0, steps_per_epoch=10, budget=budget
+    )
+    assert 4 + 8 <= planned <= 4 + 10
+    assert fine_tuning(PROFILES["vit_s16"]) and not fine_tuning(PROFILES["small"])
+
+
+# ------------------------------------------------------------------------------ resumable
+
+
+class Crash(Exception):
+    pass
+
+
+def _train(
+    state: Path | None, crash_on_validation: int | None = None
+) -> tuple[EmbeddingNet, list[dict[str, object]]]:
+    torch.manual_seed(0)
+    net = EmbeddingNet(SPEC)
+    calls = {"n": 0}
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        calls["n"] += 1
+        if crash_on_validation is not None and calls["n"] == crash_on_validation:
+            raise Crash
+        return {"cmc@1": 0.5}
+
+    config = EmbedderTrainConfig(
+        steps=6, n_labels=3, n_instances=3, warmup_steps=2, device="cpu", precision="fp32"
+    )
+    result = train_embedder(
+        net,
+        tiny_data(),
+        config,
+        validate=validate,
+        state_path=state,
+        progress=False,
+        log=lambda _: None,
+    )
+    return net, result.history
+
+
+def test_a_crashed_embedder_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    torch.set_num_threads(1)  # bitwise-comparable runs
+    reference, _ = _train(None)
+    state = tmp_path / "state.safetensors"
+    with pytest.raises(Crash):  # validation after epoch 2 (3rd call) dies: state of epoch 1
+        _train(state, crash_on_validation=3)
+    assert state.is_file()
+    resumed, history = _train(state)
+    assert [h["step"] for h in history] == [0, 2, 4, 6]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------------------ STIR freeze
+
+
+def _embedder() -> EmbeddingNet:
+    torch.manual_seed(1)
+    return EmbeddingNet(SPEC).eval()
+
+
+def _stir_config(**changes: object) -> StirTrainConfig:
+    base = StirTrainConfig(
+        steps=8,
+        head_only_fraction=0.5,
+        n_labels=3,
+        n_instances=2,
+        lr_full=1e-3,
+        device="cpu",
+        precision="fp32",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_stir_backbone_is_frozen_in_the_head_phase_and_trains_after() -> None:
+    embedder = _embedder()
+    start = StirNet.from_embedder(embedder, StirConfig(spec=SPEC, positional="split"))
+    initial = {k: v.clone() for k, v in start.backbone.state_dict().items()}
+    head_start = [p.detach().clone() for p in start.head.parameters()]
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    def on_phase_end(phase: str, net: StirNet) -> None:
+        seen[phase] = {k: v.detach().clone() for k, v in net.backbone.state_dict().items()}
+        seen[phase + "_head"] = {
+            str(i): p.detach().clone() for i, p in enumerate(net.head.parameters())
+        }
+
+    net, result = train_stir(
+        embedder,
+        tiny_data(),
+        _stir_config(),
+        on_phase_end=on_phase_end,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert result.steps_done == 8
+    assert all(torch.equal(initial[k], v) for k, v in seen["head"].items()), "backbone moved"
+    assert any(not torch.equal(head_start[int(i)], v) for i, v in seen["head_head"].items()), (
+        "the head did not train in the head phase"
+    )
+    assert any(not torch.equal(initial[k], v) for k, v in seen["full"].items()), (
+        "the backbone did not train after the frozen phase"
+    )
+    assert all(p.requires_grad for p in net.parameters())  # released on return
+    # the embedder given was not modified
+    assert all(
+        torch.equal(v, _embedder().state_dict()[k]) for k, v in embedder.state_dict().items()
+    )
+
+
+def test_a_freeze_that_does_not_hold_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the optimizer were handed the backbone (the reference's silent failure), the
+    trainer stops instead of training on."""
+    monkeypatch.setattr(stir_module, "head_parameters", lambda net: list(net.parameters()))
+    monkeypatch.setattr(stir_module, "set_frozen", lambda net, frozen: None)
+    with pytest.raises(RuntimeError, match="freeze did not hold"):
+        train_stir(_embedder(), tiny_data(), _stir_config(), progress=False, log=lambda _: None)
+
+
+def test_stir_uses_logged_hard_negatives() -> None:
+    data = tiny_data()
+    pairs = np.array([[0, 3], [1, 4]])
+    _, result = train_stir(
+        _embedder(),
+        data,
+        _stir_config(steps=2),
+        hard_negatives=pairs,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert result.steps_done == 2

@@ -1,0 +1,886 @@
+"""The learning loop: ``python -m trainer.retrain``.
+
+Reads the catalog, the logged queries and the feedback from the DB, splits them by product
+(:mod:`searchsvc.training_data`), trains a new embedder and a new STIR, evaluates them
+against the serving models on the same validation split (:mod:`searchsvc.evaluation`), and
+promotes only what wins (:mod:`searchsvc.promotion`): a new embedder is re-embedded into a
+new collection and switched to in one alias move, with queries served by the old models
+throughout; a new STIR is switched to by activating it.
+
+Resumable: a run's files live in ``$SEARCHSVC_HOME/retrain/run-<fingerprint>``, the
+fingerprint covering the data, the configuration and the serving versions. Run the same
+command again after a crash and it continues (training from the last epoch's state, a
+recorded candidate is not trained again, an interrupted re-embedding is redone).
+
+The vector index is opened only for the switch (an embedded store admits one process at
+a time): training and evaluation read the DB and the image files.
+
+Benchmarks call :func:`retrain` with their own settings (their own home, DB and catalog),
+budgets and :class:`RetrainConfig`, or go one level down to
+:func:`trainer.embedder.train_embedder`, :func:`trainer.stir.train_stir` and
+:func:`searchsvc.evaluation.evaluate` with arrays of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import numpy as np
+
+from searchsvc.app import App
+from searchsvc.config import Settings, load_settings
+from searchsvc.db import ModelKind
+from searchsvc.errors import SearchsvcError
+from searchsvc.evaluation import (
+    KS,
+    TOP_NS,
+    EvalReport,
+    EvalSet,
+    evaluate,
+    format_table,
+    rank_eval_set,
+)
+from searchsvc.model_store import ActiveVersion, active_version, ensure_active_embedder
+from searchsvc.models.checkpoint import config_path_for
+from searchsvc.models.embedder import (
+    Embedder,
+    EmbeddingNet,
+    load_embedding_net,
+    new_embedding_net,
+    profile_spec,
+    save_embedder,
+)
+from searchsvc.models.profiles import EmbedderSpec
+from searchsvc.models.stir import StirNet, StirScorer, load_stir, save_stir
+from searchsvc.promotion import (
+    Gate,
+    GateDecision,
+    SwapReport,
+    decide,
+    promote_embedder,
+    promote_stir,
+    record_candidate,
+    update_metrics,
+)
+from searchsvc.training_data import (
+    DataSplit,
+    LabelledImage,
+    PixelLoader,
+    TrainingData,
+    load_size_for,
+    load_training_data,
+    refs_of,
+    require_val_queries,
+    split_data,
+)
+from trainer.data import TrainSet
+from trainer.embedder import EmbedderTrainConfig, train_embedder
+from trainer.loop import Budget, Log, TrainResult, stderr_log
+from trainer.samplers import BalancedBatchSampler
+from trainer.stir import StirTrainConfig, frozen_embeddings, train_stir
+
+MIN_STIR_SHARE = 0.1
+"""STIR is not started with less than this share of the budget left (it would return its
+untrained start, which the gate refuses anyway)."""
+Only = Literal["both", "embedder", "stir"]
+Init = Literal["active", "profile"]
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Everything a retrain decides; recorded on the model versions it produces."""
+
+    only: Only = "both"
+    max_minutes: float | None = None
+    """Wall-clock budget of the TRAINING (pixel loading included; the final evaluation
+    and the re-embedding come after it). Both models: the embedder gets
+    ``embedder_share`` of it. None: the configured epochs or steps."""
+    embedder_share: float = 0.6
+    dry_run: bool = False
+    """Read the data, make the split, print the plan; train nothing."""
+    promote: bool = True
+    """False: train, evaluate and record candidates, but put nothing in service."""
+    split_seed: int = 0
+    val_fraction: float = 0.2
+    gate_metric: str = "cmc@1"
+    gate_margin: float = 0.01
+    """Absolute (metrics are in [0, 1]): 0.01 is one point of CMC@1."""
+    init: Init = "active"
+    """The new embedder starts from the serving one (``active``) or from the configured
+    profile's start weights (``profile``)."""
+    embedder: EmbedderTrainConfig = field(default_factory=EmbedderTrainConfig)
+    stir: StirTrainConfig = field(default_factory=StirTrainConfig)
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        Gate(self.gate_metric, self.gate_margin)  # validates both
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise SearchsvcError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if not 0.0 < self.embedder_share < 1.0:
+            raise SearchsvcError("embedder_share must be between 0 and 1")
+
+    @classmethod
+    def for_settings(cls, settings: Settings, **changes: Any) -> RetrainConfig:
+        """Defaults that follow the settings: split seed and fraction, device, precision,
+        and ``SEARCHSVC_SEED`` as the training seed."""
+        base = cls(
+            split_seed=settings.split_seed,
+            val_fraction=settings.val_fraction,
+            embedder=EmbedderTrainConfig(
+                seed=settings.seed, device=settings.device, precision=settings.precision
+            ),
+            stir=StirTrainConfig(
+                seed=settings.seed, device=settings.device, precision=settings.precision
+            ),
+        )
+        return replace(base, **changes)
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.gate_metric, self.gate_margin)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint_json(self) -> dict[str, Any]:
+        """What makes two runs the same run (a budget or a flag does not)."""
+        data = self.to_json()
+        for name in ("max_minutes", "dry_run", "promote", "resume", "progress"):
+            data.pop(name)
+        return data
+
+
+@dataclass
+class StageOutcome:
+    """One model's way through the loop."""
+
+    kind: str
+    candidate_version: int | None = None
+    promoted: bool = False
+    skipped: str | None = None
+    """Why no candidate was trained (the budget was spent), if so."""
+    decision: GateDecision | None = None
+    candidate: EvalReport | None = None
+    baseline: EvalReport | None = None
+    swap: SwapReport | None = None
+    train: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "candidate_version": self.candidate_version,
+            "promoted": self.promoted,
+            "skipped": self.skipped,
+            "decision": self.decision.to_json() if self.decision else None,
+            "candidate": self.candidate.to_json() if self.candidate else None,
+            "baseline": self.baseline.to_json() if self.baseline else None,
+            "swap": self.swap.to_json() if self.swap else None,
+            "train": self.train,
+        }
+
+
+@dataclass
+class RetrainReport:
+    run_dir: Path
+    dry_run: bool
+    data: dict[str, int]
+    split: dict[str, Any]
+    plan: dict[str, Any]
+    stages: dict[str, StageOutcome] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "dry_run": self.dry_run,
+            "data": self.data,
+            "split": self.split,
+            "plan": self.plan,
+            "stages": {name: stage.to_json() for name, stage in self.stages.items()},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+class _RunState:
+    """``run.json`` of a run directory: what is done, so a re-run continues."""
+
+    def __init__(self, run_dir: Path, fingerprint: str, fresh: bool) -> None:
+        self.path = run_dir / "run.json"
+        state: dict[str, Any] = {}
+        if self.path.is_file() and not fresh:
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+            if state.get("fingerprint") != fingerprint or state.get("finished"):
+                state = {}
+        if not state:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.data: dict[str, Any] = state or {"fingerprint": fingerprint}
+        self.save()
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data.setdefault(name, {})
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str), encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def retrain(
+    settings: Settings,
+    config: RetrainConfig,
+    *,
+    data: TrainingData | None = None,
+    app: App | None = None,
+    log: Log = stderr_log,
+) -> RetrainReport:
+    """Train, evaluate, gate and (unless told not to) promote; see the module docstring.
+
+    ``data`` replaces what the DB holds (a benchmark's own labelled set); ``app`` is the
+    process's App (its index is the one the switch uses: an embedded store opens once).
+    """
+    started = time.monotonic()
+    budget_s = None if config.max_minutes is None else config.max_minutes * 60
+    owns_app = app is None
+    app = app or App(settings)
+    try:
+        data = data or load_training_data(app.db)
+        if not any(i.source == "catalog" for i in data.images):
+            raise SearchsvcError("no indexed catalog images: run 'searchsvc ingest CATALOG' first")
+        split = split_data(data, seed=config.split_seed, val_fraction=config.val_fraction)
+        require_val_queries(split)
+        serving = ensure_active_embedder(app.db, settings)
+        serving_stir = active_version(app.db, ModelKind.STIR)
+        serving_net = load_embedding_net(serving.file)
+        load_size = load_size_for(serving_net.spec.input_size)
+        fingerprint = _fingerprint(config, data, serving, serving_stir, load_size)
+        run_dir = settings.home / "retrain" / f"run-{fingerprint[:16]}"
+        plan = _plan(config, split, budget_s)
+        report = RetrainReport(run_dir, config.dry_run, data.counts, split.record, plan)
+        log(
+            f"retrain: {data.counts.get('catalog_images', 0)} catalog images, "
+            f"{data.counts.get('query_images', 0)} query photos with positive feedback, "
+            f"{data.counts.get('hard_negatives', 0)} hard negatives, "
+            f"{data.counts.get('products', 0)} products"
+        )
+        log(
+            f"split (seed {config.split_seed}, {config.val_fraction:.0%} validation): "
+            f"train {split.record['train']['products']} products, "
+            f"validation {split.record['val']['products']} products"
+        )
+        log("plan: " + json.dumps(plan))
+        if config.dry_run:
+            report.seconds = time.monotonic() - started
+            return report
+
+        state = _RunState(run_dir, fingerprint, fresh=not config.resume)
+        loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, app.pixels)
+        val_set = EvalSet.from_split(split, loader)
+        train_set, negatives = _training_pixels(split, loader, load_size, config.progress, log)
+        share = config.embedder_share if config.only == "both" else 1.0
+        total = Budget(None if budget_s is None else started + budget_s)
+        embedder_budget = Budget(None if budget_s is None else started + share * budget_s)
+
+        serving_after = serving_net
+        new_net: EmbeddingNet | None = None
+        if config.only in ("both", "embedder"):
+            outcome, new_net = _embedder_stage(
+                app,
+                config,
+                state,
+                data,
+                split,
+                val_set,
+                train_set,
+                serving,
+                serving_net,
+                embedder_budget,
+                run_dir,
+                log,
+            )
+            report.stages["embedder"] = outcome
+            if outcome.decision is not None and outcome.decision.passed:
+                serving_after = new_net
+        if (
+            config.only in ("both", "stir")
+            and budget_s is not None
+            and (total.remaining() < MIN_STIR_SHARE * budget_s)
+        ):
+            log("stir: skipped, the time budget is spent (give --max-minutes more, or --only stir)")
+            report.stages["stir"] = StageOutcome("stir", skipped="time budget spent")
+        elif config.only in ("both", "stir"):
+            report.stages["stir"] = _stir_stage(
+                app,
+                config,
+                state,
+                data,
+                split,
+                val_set,
+                train_set,
+                negatives,
+                serving_after,
+                serving_stir,
+                total,
+                run_dir,
+                log,
+            )
+        # Both switches at the end, the embedder first: the STIR was gated on the embedder
+        # that serves after it, and the index (one process at a time when embedded) is
+        # opened only now, for the seconds of the re-embedding.
+        if config.promote:
+            embedder_stage = report.stages.get("embedder")
+            if embedder_stage and embedder_stage.decision and embedder_stage.decision.passed:
+                _promote_embedder_stage(app, config, state, embedder_stage, log)
+            stir_stage = report.stages.get("stir")
+            if stir_stage and stir_stage.decision and stir_stage.decision.passed:
+                _promote_stir_stage(app, stir_stage, log)
+        report.seconds = time.monotonic() - started
+        state.data["finished"] = True
+        state.save()
+        (run_dir / "report.json").write_text(
+            json.dumps(report.to_json(), indent=2, default=str), encoding="utf-8"
+        )
+        for leftover in run_dir.glob("*.safetensors"):  # registered versions hold copies
+            _remove_checkpoint(leftover)
+        return report
+    finally:
+        if owns_app:
+            app.close()
+
+
+def _fingerprint(
+    config: RetrainConfig,
+    data: TrainingData,
+    serving: ActiveVersion,
+    serving_stir: ActiveVersion | None,
+    load_size: int,
+) -> str:
+    blob = json.dumps(
+        {
+            "config": config.fingerprint_json(),
+            "data": data.fingerprint(),
+            "embedder": serving.id,
+            "stir": None if serving_stir is None else serving_stir.id,
+            "load_size": load_size,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _plan(config: RetrainConfig, split: DataSplit, budget_s: float | None) -> dict[str, Any]:
+    labels = TrainSet.from_names(
+        np.zeros((len(split.train), 1, 1, 3), np.uint8), [i.label for i in split.train]
+    ).labels
+    plan: dict[str, Any] = {"budget_s": budget_s, "only": config.only}
+    for name, cfg in (("embedder", config.embedder), ("stir", config.stir)):
+        if config.only not in ("both", name):
+            continue
+        per_epoch = len(BalancedBatchSampler(labels, cfg.n_labels, cfg.n_instances, cfg.seed))
+        plan[name] = {
+            "steps_per_epoch": per_epoch,
+            "steps": cfg.steps or cfg.epochs * per_epoch,
+            "batch": f"{cfg.n_labels} x {cfg.n_instances}",
+        }
+    return plan
+
+
+def _training_pixels(
+    split: DataSplit, loader: PixelLoader, load_size: int, progress: bool, log: Log
+) -> tuple[TrainSet, np.ndarray]:
+    """The training side's pixels (decoded from the originals at the load size, held in
+    memory: N x L x L x 3 bytes) and the logged hard negatives as item index pairs; query
+    photos that only appear in a hard negative are added unlabelled."""
+    from tqdm import tqdm
+
+    items: list[LabelledImage | None] = list(split.train)
+    refs = refs_of(split.train)
+    by_image = {i.image_id: n for n, i in enumerate(split.train) if i.image_id is not None}
+    by_query = {i.query_id: n for n, i in enumerate(split.train) if i.query_id is not None}
+    pairs: list[tuple[int, int]] = []
+    for neg in split.train_hard_negatives:
+        if neg.negative_image_id not in by_image:
+            continue
+        if neg.query_id not in by_query:
+            by_query[neg.query_id] = len(refs)
+            refs.append((neg.query_path, neg.query_hash))
+            items.append(None)
+        pairs.append((by_query[neg.query_id], by_image[neg.negative_image_id]))
+    with tqdm(total=len(refs), desc="pixels", unit="img", disable=not progress) as bar:
+        pixels, ok = loader.many(refs, load_size, progress=lambda n: bar.update(n - bar.n))
+    if not ok.all():
+        log(f"retrain: {int((~ok).sum())} training images could not be read; left out")
+    names = [None if item is None else item.label for item in items]
+    keep = np.flatnonzero(ok)
+    remap = np.full(len(refs), -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    negatives = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    negatives = remap[negatives]
+    negatives = negatives[(negatives >= 0).all(axis=1)]
+    return TrainSet.from_names(pixels[keep], [names[k] for k in keep]), negatives
+
+
+def _training_record(
+    config: RetrainConfig,
+    split: DataSplit,
+    result: TrainResult | None,
+    stage: str,
+    spec: EmbedderSpec,
+    data: TrainingData,
+) -> dict[str, Any]:
+    sub: EmbedderTrainConfig | StirTrainConfig = (
+        config.embedder.resolve(spec) if stage == "embedder" else config.stir
+    )
+    return {
+        "data": data.counts,
+        "split": split.record,
+        "seeds": {"split": config.split_seed, stage: sub.seed},
+        "config": sub.to_json(),
+        "gate": {"metric": config.gate_metric, "margin": config.gate_margin},
+        "init": config.init if stage == "embedder" else "from the serving embedder",
+        "result": None if result is None else result.to_json(),
+    }
+
+
+def _embedder_stage(
+    app: App,
+    config: RetrainConfig,
+    state: _RunState,
+    data: TrainingData,
+    split: DataSplit,
+    val_set: EvalSet,
+    train_set: TrainSet,
+    serving: ActiveVersion,
+    serving_net: EmbeddingNet,
+    budget: Budget,
+    run_dir: Path,
+    log: Log,
+) -> tuple[StageOutcome, EmbeddingNet]:
+    settings = app.settings
+    stage = state.stage("embedder")
+    candidate_file = run_dir / "embedder-candidate.safetensors"
+    outcome = StageOutcome("embedder")
+
+    def embedder_of(net: EmbeddingNet) -> Embedder:
+        return Embedder(net, device=settings.device, precision=settings.precision)
+
+    if "train" in stage and candidate_file.is_file():
+        net = load_embedding_net(candidate_file)
+        outcome.train = stage["train"]
+        log(f"embedder: candidate already trained ({candidate_file})")
+    else:
+        if config.init == "active":
+            net = copy.deepcopy(serving_net)
+        else:
+            spec = profile_spec(settings.embedder_profile)
+            net = new_embedding_net(spec, seed=config.embedder.seed)
+
+        def validate(model: Any) -> dict[str, float]:
+            return rank_eval_set(
+                val_set, embedder_of(model), batch_size=settings.batch_size
+            ).base.metrics
+
+        state_file = run_dir / "embedder-state.safetensors"
+        result = train_embedder(
+            net,
+            train_set,
+            config.embedder,
+            validate=validate,
+            budget=budget,
+            state_path=state_file,
+            log=log,
+            progress=config.progress,
+        )
+        outcome.train = _training_record(config, split, result, "embedder", net.spec, data)
+        save_embedder(net.cpu(), candidate_file, {"training": outcome.train})
+        _remove_checkpoint(state_file)
+        stage["train"] = outcome.train
+        state.save()
+
+    if "version_id" in stage:
+        outcome.candidate_version = stage["version_id"]
+        outcome.decision = GateDecision(**stage["decision"])
+        outcome.candidate = EvalReport(**stage["candidate"])
+        outcome.baseline = EvalReport(**stage["baseline"])
+    else:
+        candidate = evaluate(
+            val_set,
+            embedder_of(net),
+            batch_size=settings.batch_size,
+            models={"embedder": "candidate"},
+        )
+        baseline = evaluate(
+            val_set,
+            embedder_of(serving_net),
+            batch_size=settings.batch_size,
+            models={"embedder": f"v{serving.id}"},
+        )
+        decision = decide(
+            config.gate,
+            candidate.metric(config.gate_metric),
+            baseline.metric(config.gate_metric),
+            what="embedder",
+        )
+        log(format_table({"serving": baseline, "candidate": candidate}))
+        log(decision.reason)
+        version_id = record_candidate(
+            app.db,
+            settings,
+            ModelKind.EMBEDDER,
+            candidate_file,
+            metrics={
+                "validation": candidate.to_json(),
+                "baseline": {"version": serving.id, **baseline.to_json()},
+                "gate": decision.to_json(),
+                "promoted": False,
+            },
+            training=outcome.train or {},
+            notes=f"retrain candidate: {decision.reason}",
+        )
+        outcome.candidate_version, outcome.decision = version_id, decision
+        outcome.candidate, outcome.baseline = candidate, baseline
+        stage.update(
+            version_id=version_id,
+            decision=decision.to_json(),
+            candidate=_report_fields(candidate),
+            baseline=_report_fields(baseline),
+        )
+        state.save()
+
+    return outcome, net
+
+
+def _promote_embedder_stage(
+    app: App, config: RetrainConfig, state: _RunState, outcome: StageOutcome, log: Log
+) -> None:
+    """Re-embed and switch (once: a resumed run that already switched only reports it)."""
+    stage = state.stage("embedder")
+    assert outcome.candidate_version is not None
+    if not stage.get("swapped"):
+        log(f"embedder: re-embedding the catalog with v{outcome.candidate_version}")
+        swap = _swap(app, outcome.candidate_version, config.progress)
+        update_metrics(app.db, outcome.candidate_version, promoted=True, swap=swap.to_json())
+        stage.update(swapped=True, swap=swap.to_json())
+        state.save()
+        log(
+            f"embedder: v{outcome.candidate_version} serves; collection "
+            f"{swap.collection} ({swap.images_embedded} images, {swap.seconds:.1f} s), "
+            f"{swap.previous_collection} kept until a cleanup"
+        )
+    outcome.promoted = True
+    outcome.swap = SwapReport(**stage["swap"])
+
+
+def _swap(app: App, version_id: int, progress: bool) -> SwapReport:
+    from tqdm import tqdm
+
+    with tqdm(desc="re-embed", unit="img", disable=not progress) as bar:
+
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return promote_embedder(app, version_id, progress=report)
+
+
+def _stir_stage(
+    app: App,
+    config: RetrainConfig,
+    state: _RunState,
+    data: TrainingData,
+    split: DataSplit,
+    val_set: EvalSet,
+    train_set: TrainSet,
+    negatives: np.ndarray,
+    serving_net: EmbeddingNet,
+    serving_stir: ActiveVersion | None,
+    budget: Budget,
+    run_dir: Path,
+    log: Log,
+) -> StageOutcome:
+    """STIR is trained from (and mined with) the embedder that serves after the embedder
+    stage: the new one when it was promoted. Its gate compares reranking that embedder's
+    results with the serving reranker (or with no reranker, when none is active)."""
+    settings = app.settings
+    stage = state.stage("stir")
+    candidate_file = run_dir / "stir-candidate.safetensors"
+    outcome = StageOutcome("stir")
+    top_n = settings.rerank_top_n
+    top_ns = sorted({*TOP_NS, top_n})
+    embedder = Embedder(serving_net, device=settings.device, precision=settings.precision)
+    first_stage = rank_eval_set(
+        val_set, embedder, depth=max([*KS, *top_ns]), batch_size=settings.batch_size
+    )
+
+    def scorer_of(net: StirNet) -> StirScorer:
+        return StirScorer(net, device=settings.device, precision=settings.precision)
+
+    if "train" in stage and candidate_file.is_file():
+        net = load_stir(candidate_file)
+        outcome.train = stage["train"]
+        log(f"stir: candidate already trained ({candidate_file})")
+    else:
+
+        def validate(model: Any) -> dict[str, float]:
+            rows = first_stage.reranked(
+                scorer_of(model).score_pairs, model.spec.input_size, [top_n]
+            )
+            return rows[f"stir@{top_n}"]
+
+        embeddings = frozen_embeddings(
+            serving_net,
+            train_set,
+            device=settings.device,
+            precision=settings.precision,
+            cache_path=run_dir / "stir-train-embeddings.safetensors",
+        )
+        net, result = train_stir(
+            serving_net,
+            train_set,
+            config.stir,
+            embeddings=embeddings,
+            hard_negatives=negatives,
+            validate=validate,
+            budget=budget,
+            state_path=run_dir / "stir-state.safetensors",
+            log=log,
+            progress=config.progress,
+        )
+        outcome.train = _training_record(config, split, result, "stir", serving_net.spec, data)
+        outcome.train["hard_negatives_used"] = int(len(negatives))
+        save_stir(net.cpu(), candidate_file, {"training": outcome.train})
+        _remove_checkpoint(run_dir / "stir-state.safetensors")
+        stage["train"] = outcome.train
+        state.save()
+
+    if "version_id" in stage:
+        outcome.candidate_version = stage["version_id"]
+        outcome.decision = GateDecision(**stage["decision"])
+        outcome.candidate = EvalReport(**stage["candidate"])
+        outcome.baseline = EvalReport(**stage["baseline"])
+    else:
+        base_rows = {"embedder": first_stage.base.metrics}
+        candidate_rows = {
+            **base_rows,
+            **first_stage.reranked(scorer_of(net).score_pairs, net.spec.input_size, top_ns),
+        }
+        candidate = _report(first_stage, candidate_rows, {"stir": "candidate"})
+        if serving_stir is not None:
+            serving_scorer = StirScorer.from_file(
+                serving_stir.file, device=settings.device, precision=settings.precision
+            )
+            baseline_rows = {
+                **base_rows,
+                **first_stage.reranked(
+                    serving_scorer.score_pairs, serving_scorer.info.input_size, top_ns
+                ),
+            }
+            baseline = _report(first_stage, baseline_rows, {"stir": f"v{serving_stir.id}"})
+            baseline_value = baseline.metric(config.gate_metric, f"stir@{top_n}")
+        else:
+            baseline = _report(first_stage, base_rows, {"stir": "none"})
+            baseline_value = baseline.metric(config.gate_metric, "embedder")
+        decision = decide(
+            config.gate,
+            candidate.metric(config.gate_metric, f"stir@{top_n}"),
+            baseline_value,
+            what=f"stir at top_n {top_n}",
+        )
+        stir_rows = {k: v for k, v in candidate.rows.items() if k != "embedder"}
+        log(format_table({"serving": baseline, "candidate": replace(candidate, rows=stir_rows)}))
+        log(decision.reason)
+        version_id = record_candidate(
+            app.db,
+            settings,
+            ModelKind.STIR,
+            candidate_file,
+            metrics={
+                "validation": candidate.to_json(),
+                "baseline": {
+                    "version": None if serving_stir is None else serving_stir.id,
+                    **baseline.to_json(),
+                },
+                "gate": decision.to_json(),
+                "promoted": False,
+            },
+            training=outcome.train or {},
+            notes=f"retrain candidate: {decision.reason}",
+        )
+        outcome.candidate_version, outcome.decision = version_id, decision
+        outcome.candidate, outcome.baseline = candidate, baseline
+        stage.update(
+            version_id=version_id,
+            decision=decision.to_json(),
+            candidate=_report_fields(candidate),
+            baseline=_report_fields(baseline),
+        )
+        state.save()
+
+    return outcome
+
+
+def _promote_stir_stage(app: App, outcome: StageOutcome, log: Log) -> None:
+    assert outcome.candidate_version is not None
+    promote_stir(app.db, outcome.candidate_version)
+    update_metrics(app.db, outcome.candidate_version, promoted=True)
+    outcome.promoted = True
+    log(f"stir: v{outcome.candidate_version} serves from the next query on")
+
+
+def _report(
+    first_stage: Any, rows: dict[str, dict[str, float]], models: dict[str, str]
+) -> EvalReport:
+    return EvalReport(
+        rows=rows,
+        n_queries=first_stage.base.n_queries,
+        n_skipped=first_stage.base.n_skipped,
+        n_gallery=len(first_stage.eval_set.gallery),
+        models=models,
+    )
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """A finished stage's training state is no longer needed (the candidate file is)."""
+    path.unlink(missing_ok=True)
+    config_path_for(path).unlink(missing_ok=True)
+
+
+def _report_fields(report: EvalReport) -> dict[str, Any]:
+    return {k: v for k, v in report.to_json().items()}
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data folder (overrides SEARCHSVC_HOME).",
+)
+@click.option("--only", type=click.Choice(["embedder", "stir"]), help="Train one model only.")
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Time budget of the training (evaluation and re-embedding come after).",
+)
+@click.option("--dry-run", is_flag=True, help="Read the data, print the split and the plan.")
+@click.option("--no-promote", is_flag=True, help="Record candidates; put nothing in service.")
+@click.option("--seed", type=int, help="Training seed (default SEARCHSVC_SEED).")
+@click.option("--gate-metric", default="cmc@1", show_default=True)
+@click.option(
+    "--gate-margin",
+    default=0.01,
+    show_default=True,
+    type=float,
+    help="Absolute improvement needed (0.01 = one point).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(["active", "profile"]),
+    default="active",
+    show_default=True,
+    help="Start the embedder from the serving one, or afresh.",
+)
+@click.option("--embedder-epochs", type=click.IntRange(min=1))
+@click.option("--embedder-steps", type=click.IntRange(min=1))
+@click.option("--embedder-lr", type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--margin", type=click.FloatRange(min=0, min_open=True), help="Triplet margin (default 0.15)."
+)
+@click.option("--stir-epochs", type=click.IntRange(min=1))
+@click.option("--stir-steps", type=click.IntRange(min=1))
+@click.option("--fresh", is_flag=True, help="Do not resume an interrupted run.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (epoch lines only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def main(
+    home: Path | None,
+    only: str | None,
+    max_minutes: float | None,
+    dry_run: bool,
+    no_promote: bool,
+    seed: int | None,
+    gate_metric: str,
+    gate_margin: float,
+    init: str,
+    embedder_epochs: int | None,
+    embedder_steps: int | None,
+    embedder_lr: float | None,
+    margin: float | None,
+    stir_epochs: int | None,
+    stir_steps: int | None,
+    fresh: bool,
+    no_progress: bool,
+    as_json: bool,
+) -> None:
+    """Retrain the embedder and the STIR reranker from the catalog and the logged
+    feedback; promote what beats the serving models on the validation split."""
+    from searchsvc.cli import handle_errors
+
+    @handle_errors
+    def run() -> None:
+        settings = load_settings(overrides={"home": home} if home is not None else None)
+        config = RetrainConfig.for_settings(settings)
+        embedder_changes: dict[str, Any] = {}
+        stir_changes: dict[str, Any] = {}
+        if seed is not None:
+            embedder_changes["seed"] = stir_changes["seed"] = seed
+        for key, value in (
+            ("epochs", embedder_epochs),
+            ("steps", embedder_steps),
+            ("lr", embedder_lr),
+            ("margin", margin),
+        ):
+            if value is not None:
+                embedder_changes[key] = value
+        for key, value in (("epochs", stir_epochs), ("steps", stir_steps)):
+            if value is not None:
+                stir_changes[key] = value
+        config = replace(
+            config,
+            only=only or "both",  # type: ignore[arg-type]
+            max_minutes=max_minutes,
+            dry_run=dry_run,
+            promote=not no_promote,
+            gate_metric=gate_metric,
+            gate_margin=gate_margin,
+            init=init,  # type: ignore[arg-type]
+            embedder=replace(config.embedder, **embedder_changes),
+            stir=replace(config.stir, **stir_changes),
+            resume=not fresh,
+            progress=not no_progress and not as_json,
+        )
+        report = retrain(settings, config)
+        if as_json:
+            click.echo(json.dumps(report.to_json(), indent=2, default=str))
+            return
+        if report.dry_run:
+            click.echo("dry run: nothing was trained")
+            return
+        for name, stage in report.stages.items():
+            if stage.skipped:
+                click.echo(f"{name}: skipped ({stage.skipped})")
+                continue
+            verdict = "promoted" if stage.promoted else "not promoted"
+            reason = stage.decision.reason if stage.decision else ""
+            click.echo(f"{name}: candidate v{stage.candidate_version} {verdict} ({reason})")
+        click.echo(f"retrain finished in {report.seconds:.1f} s; files in {report.run_dir}")
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

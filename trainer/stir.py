@@ -1,0 +1,389 @@
+"""Training the STIR reranker from an embedder.
+
+Recipe (STIR.md, reference pipeline), with the lessons of the feasibility runs:
+
+- initialised from the embedder (:meth:`StirNet.from_embedder`), ``split`` positional
+  scheme by default (it trained faster than the interpolated grid on small models);
+- pairs mined per balanced batch with the FROZEN embedder's embeddings of the training
+  images, computed once and cached: per anchor its hardest positive and hardest negative,
+  deduplicated; a curriculum starts from random same/different pairs and moves to the
+  mined ones over the first ``curriculum_fraction`` of the steps; logged hard negatives
+  (results a shopper marked wrong) are added to every batch;
+- RandomResizedCrop (scale 0.8-1.0) + flip on each image before the pair is stacked;
+- BCE with logits, target "the pair is negative";
+- phase ``head``: the backbone (and the positional segment embedding) frozen, only the head
+  trains (Adam, lr 2e-3); phase ``full``: everything, at a low rate. The reference code's
+  freeze once silently stopped working, so the freeze is enforced three ways: frozen
+  tensors get no gradient, the optimizer does not hold them, and at the end of the phase
+  they are compared with a copy taken at its start (a difference raises);
+- model selection by validation CMC@1 after reranking the embedder's top ``top_n``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from searchsvc.models.embedder import Embedder, EmbeddingNet
+from searchsvc.models.profiles import EmbedderSpec
+from searchsvc.models.runtime import Precision, autocast_dtype, pixels_to_tensor, select_device
+from searchsvc.models.stir import Positional, StirConfig, StirNet
+from trainer.augment import random_resized_crop
+from trainer.data import TrainSet
+from trainer.loop import (
+    CALIBRATION_STEPS,
+    Budget,
+    Log,
+    TrainResult,
+    Validate,
+    epoch_line,
+    fine_tuning,
+    plan_steps,
+    run_validation,
+    snapshot,
+    stderr_log,
+)
+from trainer.losses import stir_loss
+from trainer.miners import mine_pairs
+from trainer.samplers import BalancedBatchSampler
+from trainer.state import load_state, save_state
+
+Phase = Literal["head", "full"]
+PhaseHook = Callable[[Phase, StirNet], None]
+
+
+@dataclass(frozen=True)
+class StirTrainConfig:
+    epochs: int = 10
+    steps: int | None = None
+    """Exact number of optimisation steps (overrides ``epochs``)."""
+    head_only_fraction: float = 0.3
+    """Share of the steps with the backbone frozen (the reference: its first 3 epochs)."""
+    lr_head: float = 2e-3
+    lr_full: float | None = None
+    """None: 1e-5 for a hub-pretrained backbone (the reference recipe), 1e-4 for one
+    trained from scratch."""
+    n_labels: int = 16
+    n_instances: int = 4
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    curriculum_fraction: float = 0.5
+    hard_negatives_per_batch: int = 8
+    positional: Positional = "split"
+    dropout: float = 0.5
+    select_metric: str = "cmc@1"
+    seed: int = 0
+    device: str = "auto"
+    precision: Precision = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or (self.steps is not None and self.steps < 1):
+            raise ValueError("epochs and steps must be positive")
+        for name in ("head_only_fraction", "curriculum_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+
+    def full_rate(self, spec: EmbedderSpec) -> float:
+        if self.lr_full is not None:
+            return self.lr_full
+        return 1e-5 if fine_tuning(spec) else 1e-4
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- the frozen part
+
+
+def frozen_embeddings(
+    embedder_net: EmbeddingNet,
+    data: TrainSet,
+    *,
+    device: str = "auto",
+    precision: Precision = "auto",
+    cache_path: Path | None = None,
+) -> np.ndarray:
+    """The frozen embedder's vectors of every training image (the query path's view),
+    computed once; with ``cache_path`` kept on disk (safetensors) for a resumed run."""
+    if cache_path is not None and cache_path.is_file():
+        cached = load_file(str(cache_path))["embeddings"]
+        if cached.shape[0] == len(data.labels):
+            return cached
+    embedder = Embedder(_copy(embedder_net), device=device, precision=precision)
+    vectors = embedder.embed(data.eval_pixels(embedder.info.input_size), batch_size=256)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": vectors}, str(cache_path))
+    return vectors
+
+
+def set_frozen(net: StirNet, frozen: bool) -> None:
+    """Freeze (or release) the backbone and the positional segment embedding."""
+    for parameter in frozen_parameters(net):
+        parameter.requires_grad_(not frozen)
+    net.backbone.train(not frozen and net.training)
+
+
+def frozen_parameters(net: StirNet) -> Iterator[nn.Parameter]:
+    yield from net.backbone.parameters()
+    if net.segment_embed is not None:
+        yield net.segment_embed
+
+
+def head_parameters(net: StirNet) -> list[nn.Parameter]:
+    frozen = {id(p) for p in frozen_parameters(net)}
+    return [p for p in net.parameters() if id(p) not in frozen]
+
+
+def _frozen_copy(net: StirNet) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in frozen_parameters(net)]
+
+
+def _check_unchanged(net: StirNet, before: list[torch.Tensor]) -> None:
+    changed = sum(
+        not torch.equal(a, b.detach()) for a, b in zip(before, frozen_parameters(net), strict=True)
+    )
+    if changed:
+        raise RuntimeError(
+            f"the frozen phase changed {changed} backbone tensors: the freeze did not hold"
+        )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_stir(
+    embedder_net: EmbeddingNet,
+    data: TrainSet,
+    config: StirTrainConfig,
+    *,
+    embeddings: np.ndarray | None = None,
+    hard_negatives: np.ndarray | None = None,
+    validate: Validate | None = None,
+    budget: Budget | None = None,
+    state_path: Path | None = None,
+    on_phase_end: PhaseHook | None = None,
+    log: Log = stderr_log,
+    progress: bool = True,
+) -> tuple[StirNet, TrainResult]:
+    """A STIR trained from ``embedder_net`` (which is not modified); returns it with the
+    best weights (by validation) in eval mode, and what the run did.
+
+    ``embeddings``: the frozen embedder's vectors of ``data`` (:func:`frozen_embeddings`);
+    computed here when not given. ``hard_negatives``: ``(M, 2)`` item indices of logged
+    (query photo, wrong product image) pairs. ``on_phase_end`` is called after each phase.
+    """
+    started = time.monotonic()
+    budget = budget or Budget()
+    device = select_device(config.device)
+    dtype = autocast_dtype(device, config.precision)
+    if embeddings is None:
+        embeddings = frozen_embeddings(
+            embedder_net, data, device=config.device, precision=config.precision
+        )
+    torch.manual_seed(config.seed)  # the head's initial weights
+    net = StirNet.from_embedder(
+        _copy(embedder_net),
+        StirConfig(spec=embedder_net.spec, positional=config.positional, dropout=config.dropout),
+    ).to(device)
+    net.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    sampler = BalancedBatchSampler(data.labels, config.n_labels, config.n_instances, config.seed)
+    per_epoch = len(sampler)
+    planned = config.steps or config.epochs * per_epoch
+    negatives = np.zeros((0, 2), np.int64) if hard_negatives is None else hard_negatives
+    size = net.spec.input_size
+
+    def head_steps() -> int:
+        if config.head_only_fraction <= 0:
+            return 0
+        return max(CALIBRATION_STEPS, round(config.head_only_fraction * planned))
+
+    def optimizer_for(phase: Phase) -> torch.optim.Optimizer:
+        if phase == "head":
+            return torch.optim.Adam(head_parameters(net), lr=config.lr_head)
+        return torch.optim.Adam(net.parameters(), lr=config.full_rate(embedder_net.spec))
+
+    step, epoch, skip = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    best: dict[str, torch.Tensor] | None = None
+    best_metric, best_epoch, val_seconds = -1.0, 0, 0.0
+    phase: Phase = "head" if head_steps() > 0 else "full"
+    resumed = None
+    if state_path is not None and state_path.is_file():
+        resumed = load_state(state_path, model=net, optimizer=None)[1]
+        phase = resumed["phase"]
+    set_frozen(net, phase == "head")
+    optimizer = optimizer_for(phase)
+    if resumed is not None:
+        assert state_path is not None
+        best, progress_state = load_state(state_path, model=net, optimizer=optimizer)
+        step, epoch, skip = progress_state["step"], progress_state["epoch"], progress_state["skip"]
+        planned, history = progress_state["planned"], progress_state["history"]
+        best_metric, best_epoch = progress_state["best_metric"], progress_state["best_epoch"]
+        val_seconds = progress_state["val_seconds"]
+        log(f"stir: resumed at step {step}/{planned} ({phase} phase)")
+    elif validate is not None:
+        metrics, val_seconds = run_validation(net, validate)
+        best_metric, best = metrics[config.select_metric], snapshot(net)
+        history.append({"epoch": 0, "step": 0, **metrics, "val_seconds": val_seconds})
+        log(f"stir: start weights {config.select_metric} {best_metric:.4f}")
+    frozen_at_start = _frozen_copy(net) if phase == "head" else []
+
+    def save(at_epoch: int, skip_batches: int) -> None:
+        if state_path is not None:
+            save_state(
+                state_path,
+                model=net,
+                optimizer=optimizer,
+                best=best,
+                progress={
+                    "step": step,
+                    "epoch": at_epoch,
+                    "skip": skip_batches,
+                    "planned": planned,
+                    "phase": phase,
+                    "history": history,
+                    "best_metric": best_metric,
+                    "best_epoch": best_epoch,
+                    "val_seconds": val_seconds,
+                },
+            )
+
+    def end_head_phase() -> None:
+        nonlocal phase, optimizer
+        _check_unchanged(net, frozen_at_start)
+        if on_phase_end is not None:
+            on_phase_end("head", net)
+        phase = "full"
+        set_frozen(net, False)
+        net.train()
+        optimizer = optimizer_for("full")
+        log(f"stir: backbone released at step {step}, lr {config.full_rate(embedder_net.spec):.1e}")
+
+    bar = tqdm(total=planned, initial=step, desc="stir", unit="step", disable=not progress)
+    step_times: list[float] = []
+    try:
+        while step < planned and not budget.expired():
+            losses, accuracies = [], []
+            stopped_at: int | None = None
+            for batch_no, batch in enumerate(sampler.epoch(epoch)):
+                if batch_no < skip:
+                    continue
+                if step >= planned or budget.expired():
+                    stopped_at = batch_no
+                    break
+                if phase == "head" and step >= head_steps():
+                    end_head_phase()
+                tick = time.monotonic()
+                rng = np.random.default_rng([config.seed, step])
+                ramp = config.curriculum_fraction * planned
+                if ramp <= 0:
+                    hard = 1.0  # no curriculum
+                else:  # random pairs while the plan may still change, then the ramp
+                    hard = 0.0 if step < CALIBRATION_STEPS else min(1.0, step / ramp)
+                first, second, target = mine_pairs(
+                    embeddings[batch], data.labels[batch], rng, hard_fraction=hard
+                )
+                first, second = batch[first], batch[second]
+                if len(negatives) and config.hard_negatives_per_batch:
+                    count = min(config.hard_negatives_per_batch, len(negatives))
+                    rows = negatives[rng.choice(len(negatives), size=count, replace=False)]
+                    first = np.concatenate([first, rows[:, 0]])
+                    second = np.concatenate([second, rows[:, 1]])
+                    target = np.concatenate([target, np.ones(count, dtype=bool)])
+                items = np.concatenate([first, second])
+                images = pixels_to_tensor(data.pixels[items], net.spec.mean, net.spec.std, device)
+                torch.manual_seed(config.seed * 1_000_003 + step)  # dropout: same after a resume
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                views = random_resized_crop(
+                    images, size, scale=config.crop_scale, generator=generator
+                )
+                is_negative = torch.as_tensor(target, dtype=torch.float32, device=device)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = net(views[: len(first)], views[len(first) :])
+                loss = stir_loss(logits, is_negative)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(float(loss.detach()))
+                accuracies.append(
+                    float(((logits.detach() > 0) == (is_negative > 0)).float().mean())
+                )
+                step += 1
+                bar.update(1)
+                step_times.append(time.monotonic() - tick)
+                if len(step_times) == CALIBRATION_STEPS and budget.deadline is not None:
+                    planned = plan_steps(
+                        planned,
+                        step,
+                        seconds_per_step=float(np.mean(step_times[1:])),
+                        validation_seconds=val_seconds,
+                        steps_per_epoch=per_epoch,
+                        budget=budget,
+                    )
+                    bar.total = planned
+                    bar.refresh()
+                    log(f"stir: {planned} steps fit the time budget")
+            if losses:
+                entry: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "loss": float(np.mean(losses)),
+                    "pair_accuracy": float(np.mean(accuracies)),
+                    "phase": phase,
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+                if validate is not None:
+                    metrics, val_seconds = run_validation(net, validate)
+                    set_frozen(net, phase == "head")  # validation switched modes
+                    entry.update(metrics, val_seconds=val_seconds)
+                    if metrics[config.select_metric] > best_metric:
+                        best_metric, best_epoch = metrics[config.select_metric], epoch + 1
+                        best = snapshot(net)
+                history.append(entry)
+                log(epoch_line("stir", entry, config.select_metric))
+            if stopped_at is None:
+                epoch, skip = epoch + 1, 0
+            else:
+                skip = stopped_at
+            save(epoch, skip)
+        if phase == "head" and step > 0:
+            _check_unchanged(net, frozen_at_start)  # the whole run was the frozen phase
+            if on_phase_end is not None:
+                on_phase_end("head", net)
+        elif phase == "full" and on_phase_end is not None:
+            on_phase_end("full", net)
+    finally:
+        bar.close()
+    set_frozen(net, False)
+    if best is not None:
+        net.load_state_dict(best)
+    else:
+        best_metric, best_epoch = float("nan"), epoch
+    net.eval()
+    return net, TrainResult(
+        best_metric=best_metric,
+        best_epoch=best_epoch,
+        steps_done=step,
+        planned_steps=planned,
+        epochs_done=epoch,
+        stopped_by="steps" if step >= planned else "time",
+        seconds=time.monotonic() - started,
+        history=history,
+    )
+
+
+def _copy(net: EmbeddingNet) -> EmbeddingNet:
+    import copy
+
+    return copy.deepcopy(net).cpu().eval()
