@@ -5,9 +5,11 @@ Embedded and cluster deployments differ only in the settings given here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import func, select
 
 from searchsvc.config import Settings
@@ -17,6 +19,7 @@ from searchsvc.index import VectorIndex, open_index
 from searchsvc.ingest import IngestCoordinator, IngestSummary, ProgressCallback
 from searchsvc.model_store import ModelCache, ensure_active_embedder
 from searchsvc.models.embedder import embedder_dim
+from searchsvc.models.runtime import select_device
 from searchsvc.pixels import PixelStore
 from searchsvc.reranking import StirRerankStage
 from searchsvc.search import RerankStage, SearchService
@@ -66,7 +69,10 @@ class App:
                 celery.check_broker()
                 self._dispatcher = celery
             else:
-                self._dispatcher = InProcessDispatcher(task_functions(self.task_context()))
+                # One more task thread than cores: a task decodes while others compute.
+                self._dispatcher = InProcessDispatcher(
+                    task_functions(self.task_context()), threads=(os.cpu_count() or 1) + 1
+                )
         return self._dispatcher
 
     def ingest(
@@ -83,7 +89,17 @@ class App:
             embedder_dim(version.file),
             max_in_flight=self.settings.ingest_tasks_in_flight,
         )
-        return coordinator.run(root, sync=sync, progress=progress)
+        if self.settings.broker_url or select_device(self.settings.device).type != "cpu":
+            return coordinator.run(root, sync=sync, progress=progress)
+        # In-process on a CPU, several single-threaded forwards side by side (one per task
+        # thread) beat one forward spread over every core at ingest's batch sizes: measured
+        # here, 2 cores, small profile: ~570 images/s against ~500. Queries keep all threads.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return coordinator.run(root, sync=sync, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
 
     def search_service(self, rerank_stage: RerankStage | None = None) -> SearchService:
         return SearchService(

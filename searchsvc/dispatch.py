@@ -53,14 +53,15 @@ class _FutureHandle:
 
 
 class InProcessDispatcher:
-    """Runs task functions on a background thread of this process.
+    """Runs task functions on background threads of this process, ``threads`` per queue.
 
-    One thread per queue: a queue's tasks run in order, and the caller can prepare the next
-    batch while the current one embeds (torch releases the GIL while it computes).
+    Two threads per queue by default: while one task's forward pass runs (torch releases
+    the GIL), the next task decodes its images, and the caller prepares the batch after.
     """
 
-    def __init__(self, tasks: dict[str, TaskFunction]) -> None:
+    def __init__(self, tasks: dict[str, TaskFunction], *, threads: int = 2) -> None:
         self._tasks = tasks
+        self._threads = threads
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
     def submit(
@@ -69,7 +70,9 @@ class InProcessDispatcher:
         function = self._tasks[task_name]
         executor = self._executors.get(queue)
         if executor is None:
-            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=queue)
+            executor = concurrent.futures.ThreadPoolExecutor(
+                self._threads, thread_name_prefix=queue
+            )
             self._executors[queue] = executor
         return _FutureHandle(executor.submit(function, payload))
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from searchsvc.catalog import (
@@ -315,51 +315,55 @@ class IngestCoordinator:
                 product.removed = False
                 product.last_seen_run_id = run_id
 
+            categories = {pid: product.category for pid, product in products.items()}
+            # Core statements, not ORM objects: at ingest rates the ORM's per-object
+            # bookkeeping cost more CPU than decoding the images.
             keys = [(image.product_id, image.filename) for image, _, _ in hashed]
-            rows = (
-                {
-                    (row.product_id, row.filename): row
-                    for row in session.scalars(
-                        select(Image).where(tuple_(Image.product_id, Image.filename).in_(keys))
-                    )
-                }
-                if keys
-                else {}
-            )
-            fresh: list[tuple[Image, CatalogImage]] = []
+            rows = {
+                (row.product_id, row.filename): row
+                for row in session.execute(
+                    select(
+                        Image.id,
+                        Image.product_id,
+                        Image.filename,
+                        Image.content_hash,
+                        Image.status,
+                        Image.error,
+                        Image.point_id,
+                        Image.embedder_version_id,
+                    ).where(tuple_(Image.product_id, Image.filename).in_(keys))
+                )
+            }
+            new_rows: list[dict[str, Any]] = []
+            updates: list[dict[str, Any]] = []
+            fresh: list[tuple[int, str, CatalogImage]] = []  # (image id, hash, file)
             for image, digest, size in hashed:
                 row = rows.get((image.product_id, image.filename))
                 if row is None:
-                    row = Image(
-                        product_id=image.product_id,
-                        filename=image.filename,
-                        source_path=str(image.path),
-                        content_hash=digest,
-                        size_bytes=size,
-                        status=ImageStatus.PENDING,
-                        last_seen_run_id=run_id,
+                    new_rows.append(
+                        {
+                            "product_id": image.product_id,
+                            "filename": image.filename,
+                            "source_path": str(image.path),
+                            "content_hash": digest,
+                            "size_bytes": size,
+                            "status": ImageStatus.PENDING,
+                            "last_seen_run_id": run_id,
+                        }
                     )
-                    session.add(row)
                     summary.images_new += 1
-                    fresh.append((row, image))
                     continue
-                row.last_seen_run_id = run_id
-                row.source_path = str(image.path)
+                status, error = row.status, row.error
                 if row.content_hash != digest:
                     summary.images_changed += 1
                     old_points[row.id] = row.point_id
-                    row.content_hash = digest
-                    row.size_bytes = size
-                    row.status = ImageStatus.PENDING
-                    row.error = None
-                    fresh.append((row, image))
+                    status, error = ImageStatus.PENDING, None
+                    fresh.append((row.id, digest, image))
                 elif row.status == ImageStatus.FAILED:
                     # Same bytes as the last failed attempt: it would fail the same way.
                     summary.images_failed += 1
                     summary.add_problem(
-                        CatalogProblem(
-                            f"{image.product_id}/{image.filename}", row.error or "failed"
-                        )
+                        CatalogProblem(f"{image.product_id}/{image.filename}", error or "failed")
                     )
                     skipped += 1
                 elif (
@@ -372,17 +376,56 @@ class IngestCoordinator:
                     if row.status == ImageStatus.REMOVED:
                         summary.images_new += 1
                     old_points[row.id] = None
-                    row.status = ImageStatus.PENDING
-                    fresh.append((row, image))
-            session.flush()  # assigns ids to new rows
-            for row, image in fresh:
+                    status = ImageStatus.PENDING
+                    fresh.append((row.id, digest, image))
+                updates.append(
+                    {
+                        "b_id": row.id,
+                        "source_path": str(image.path),
+                        "content_hash": digest,
+                        "size_bytes": size,
+                        "status": status,
+                        "error": error,
+                        "last_seen_run_id": run_id,
+                    }
+                )
+            session.flush()  # new product rows first: image rows refer to them
+            connection = session.connection()
+            if updates:
+                connection.execute(
+                    update(Image)
+                    .where(Image.id == bindparam("b_id"))
+                    .values(
+                        {
+                            name: bindparam(name)
+                            for name in (
+                                "source_path",
+                                "content_hash",
+                                "size_bytes",
+                                "status",
+                                "error",
+                                "last_seen_run_id",
+                            )
+                        }
+                    ),
+                    updates,
+                )
+            if new_rows:
+                inserted = connection.execute(
+                    insert(Image).returning(Image.id, sort_by_parameter_order=True), new_rows
+                )
+                by_key = {(image.product_id, image.filename): image for image, _, _ in hashed}
+                for (image_id,), values in zip(inserted, new_rows, strict=True):
+                    image = by_key[(values["product_id"], values["filename"])]
+                    fresh.append((image_id, values["content_hash"], image))
+            for image_id, digest, image in fresh:
                 to_embed.append(
                     EmbedItem(
-                        image_id=row.id,
-                        product_id=row.product_id,
+                        image_id=image_id,
+                        product_id=image.product_id,
                         path=str(image.path),
-                        content_hash=row.content_hash,
-                        category=products[row.product_id].category,
+                        content_hash=digest,
+                        category=categories[image.product_id],
                     )
                 )
         return to_embed, old_points, skipped
@@ -450,30 +493,63 @@ class IngestCoordinator:
             if stale:
                 self.index.delete(self._collection(), stale)
 
-        with self.db.session() as session:
-            rows = {
-                row.id: row for row in session.scalars(select(Image).where(Image.id.in_(by_id)))
+        # One executemany per outcome. The content-hash condition leaves a row alone when a
+        # concurrent ingest registered newer bytes meanwhile: its own task finishes it.
+        indexed = [
+            {
+                "b_id": r.image_id,
+                "b_hash": by_id[r.image_id].content_hash,
+                "point_id": new_points[r.image_id],
+                "width": r.width,
+                "height": r.height,
             }
-            for result in response.results:
-                row = rows[result.image_id]
-                item = by_id[result.image_id]
-                if row.content_hash != item.content_hash:
-                    continue  # a concurrent ingest saw a newer file; its own task will finish it
-                if result.error is None:
-                    row.status = ImageStatus.INDEXED
-                    row.error = None
-                    row.point_id = new_points[result.image_id]
-                    row.embedder_version_id = response.embedder_version
-                    row.width, row.height = result.width, result.height
-                    summary.images_embedded += 1
-                else:
-                    row.status = ImageStatus.FAILED
-                    row.error = result.error
-                    row.point_id = None
-                    summary.images_failed += 1
-                    summary.add_problem(
-                        CatalogProblem(f"{item.product_id}/{row.filename}", result.error)
-                    )
+            for r in response.results
+            if r.error is None
+        ]
+        failed = [
+            {"b_id": r.image_id, "b_hash": by_id[r.image_id].content_hash, "error": r.error}
+            for r in response.results
+            if r.error is not None
+        ]
+        same_row = (Image.id == bindparam("b_id")) & (Image.content_hash == bindparam("b_hash"))
+        now = utcnow()
+        with self.db.session() as session:
+            connection = session.connection()
+            if indexed:
+                connection.execute(
+                    update(Image)
+                    .where(same_row)
+                    .values(
+                        status=ImageStatus.INDEXED,
+                        error=None,
+                        point_id=bindparam("point_id"),
+                        embedder_version_id=response.embedder_version,
+                        width=bindparam("width"),
+                        height=bindparam("height"),
+                        updated_at=now,
+                    ),
+                    indexed,
+                )
+            if failed:
+                connection.execute(
+                    update(Image)
+                    .where(same_row)
+                    .values(
+                        status=ImageStatus.FAILED,
+                        error=bindparam("error"),
+                        point_id=None,
+                        updated_at=now,
+                    ),
+                    failed,
+                )
+        summary.images_embedded += len(indexed)
+        summary.images_failed += len(failed)
+        for r in response.results:
+            if r.error is not None:
+                item = by_id[r.image_id]
+                summary.add_problem(
+                    CatalogProblem(f"{item.product_id}/{Path(item.path).name}", r.error)
+                )
         return len(response.results)
 
     # ------------------------------------------------------------------ sync

@@ -2,20 +2,21 @@
 
 At ingest each image is decoded once and its preprocessed pixels (short side resized,
 centre-cropped, uint8) are kept here, keyed by content hash and size. The reranker then reads
-a few-KB PNG per candidate instead of decoding a full-size original per query.
+a few KB per candidate instead of decoding a full-size original per query.
+
+Files hold the raw pixels (``S * S * 3`` bytes, row-major RGB; the size is in the path):
+measured at ingest, encoding PNGs cost more CPU than the embedding itself on a small model,
+and on photos PNG saved little space.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from searchsvc.errors import ImageError
 
@@ -30,9 +31,10 @@ class PixelStore:
         self._cache_bytes = cache_bytes
         self._cached = 0
         self._lock = threading.Lock()
+        self._folders: set[Path] = set()
 
     def path_for(self, content_hash: str, size: int) -> Path:
-        return self.root / "pixels" / str(size) / content_hash[:2] / f"{content_hash}.png"
+        return self.root / "pixels" / str(size) / content_hash[:2] / f"{content_hash}.rgb"
 
     def has(self, content_hash: str, size: int) -> bool:
         return self.path_for(content_hash, size).is_file()
@@ -43,16 +45,18 @@ class PixelStore:
         target = self.path_for(content_hash, size)
         if target.is_file():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        # Level 1: these files are written once per image at ingest and read per query;
-        # the fastest compression keeps ingest cheap and they stay small.
-        Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        if target.parent not in self._folders:  # one mkdir per folder, not per image
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(target.parent)
+        if pixels.shape != (size, size, 3) or pixels.dtype != np.uint8:
+            raise ValueError(f"expected (S, S, 3) uint8 pixels, got {pixels.shape} {pixels.dtype}")
+        # A name no other writer uses (process and thread), then an atomic rename: readers
+        # never see half a file, and two writers of the same image both succeed.
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(buffer.getvalue())
-            os.replace(tmp, target)  # atomic: readers never see half a file
+            with open(tmp, "wb") as handle:
+                handle.write(np.ascontiguousarray(pixels).tobytes())
+            os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -79,12 +83,13 @@ class PixelStore:
     def _read(self, content_hash: str, size: int) -> np.ndarray:
         path = self.path_for(content_hash, size)
         try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise ImageError(path.name, "preprocessed pixels not found (re-run ingest)") from None
         except OSError as exc:
             raise ImageError(str(path), f"unreadable preprocessed pixels ({exc})") from None
-        if pixels.shape != (size, size, 3):
-            raise ImageError(str(path), f"stored pixels have shape {pixels.shape}")
-        return pixels
+        if len(data) != size * size * 3:
+            raise ImageError(
+                str(path), f"stored pixels hold {len(data)} bytes, expected {size}x{size}x3"
+            )
+        return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)

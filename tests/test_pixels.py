@@ -30,7 +30,7 @@ def test_round_trip_is_exact(tmp_path: Path):
     original = pixels(24)
     path = store.put(HASH, original)
     assert path == store.path_for(HASH, 24)
-    assert path == tmp_path / "pixels" / "24" / HASH[:2] / f"{HASH}.png"
+    assert path == tmp_path / "pixels" / "24" / HASH[:2] / f"{HASH}.rgb"
     assert store.has(HASH, 24)
     restored = store.get(HASH, 24)
     assert restored.dtype == np.uint8
@@ -68,7 +68,7 @@ def test_put_leaves_no_temporary_files(tmp_path: Path):
         store.put(content_hash(bytes([seed])), pixels(8, seed))
     files = all_files(tmp_path)
     assert len(files) == 3
-    assert all(path.suffix == ".png" and not path.name.startswith(".") for path in files)
+    assert all(path.suffix == ".rgb" and not path.name.startswith(".") for path in files)
 
 
 def test_failed_write_leaves_neither_target_nor_temporary_file(
@@ -114,18 +114,26 @@ def test_get_corrupt_file_raises_image_error(tmp_path: Path):
     store = PixelStore(tmp_path)
     path = store.path_for(HASH, 16)
     path.parent.mkdir(parents=True)
-    path.write_bytes(b"not a png at all")
-    with pytest.raises(ImageError, match="unreadable preprocessed pixels"):
+    path.write_bytes(b"not pixels at all")  # truncated or foreign content: wrong length
+    with pytest.raises(ImageError, match="17 bytes, expected 16x16x3"):
         store.get(HASH, 16)
 
 
-def test_get_wrong_shape_raises_image_error(tmp_path: Path):
+def test_get_wrong_size_raises_image_error(tmp_path: Path):
     store = PixelStore(tmp_path)
     path = store.path_for(HASH, 16)
     path.parent.mkdir(parents=True)
-    Image.fromarray(pixels(8)).save(path)  # an 8x8 file where 16x16 belongs
-    with pytest.raises(ImageError, match="shape"):
+    path.write_bytes(pixels(8).tobytes())  # an 8x8 image where 16x16 belongs
+    with pytest.raises(ImageError, match="expected 16x16x3"):
         store.get(HASH, 16)
+
+
+def test_put_refuses_pixels_that_are_not_square_uint8_rgb(tmp_path: Path):
+    store = PixelStore(tmp_path)
+    with pytest.raises(ValueError, match="uint8"):
+        store.put(HASH, pixels(8).astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(S, S, 3\)"):
+        store.put(HASH, np.zeros((8, 4, 3), np.uint8))
 
 
 def test_recent_pixels_are_served_from_memory_within_the_byte_budget(tmp_path: Path) -> None:
