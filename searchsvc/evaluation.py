@@ -28,11 +28,11 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import func, select
 
-from searchsvc.db import Database, Image, ImageStatus, ModelKind, ModelVersion
+from searchsvc.db import Database, Image, ImageStatus, ModelKind
 from searchsvc.errors import ImageError, SearchsvcError
 from searchsvc.images import IMAGE_SUFFIXES
 from searchsvc.metrics import relevance_from_labels, retrieval_metrics
-from searchsvc.model_store import ActiveVersion, active_version
+from searchsvc.model_store import active_version, served_embedder
 from searchsvc.models.embedder import Embedder
 from searchsvc.models.stir import StirScorer
 from searchsvc.pixels import PixelStore
@@ -448,18 +448,9 @@ def evaluate_live(
     product's indexed images. Nothing is written to the query log."""
     started = time.perf_counter()
     settings = app.settings
-    collection = app.index.resolve_alias(settings.collection_alias)
-    if collection is None:
-        raise SearchsvcError("the index has no collection yet: run 'searchsvc ingest' first")
-    with app.db.session() as session:
-        row = session.scalars(
-            select(ModelVersion).where(
-                ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.collection == collection
-            )
-        ).first()
-        if row is None:
-            raise SearchsvcError(f"collection {collection} belongs to no embedder version")
-        served = ActiveVersion(row.id, Path(row.file), row.collection)
+    served = served_embedder(app.db, app.index, settings.collection_alias)
+    collection = served.collection
+    assert collection is not None
     _, embedder = app.models.embedder(served)
     loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels)
     size = embedder.info.input_size

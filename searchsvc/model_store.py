@@ -20,7 +20,8 @@ from searchsvc.batcher import MicroBatcher
 from searchsvc.config import Settings
 from searchsvc.db import Database, ModelKind, ModelVersion
 from searchsvc.db.models import utcnow
-from searchsvc.errors import ModelError, NotFoundError
+from searchsvc.errors import ModelError, NotFoundError, SearchsvcError
+from searchsvc.index import VectorIndex
 from searchsvc.models.embedder import (
     Embedder,
     load_embedding_net,
@@ -54,6 +55,25 @@ def active_version(db: Database, kind: ModelKind) -> ActiveVersion | None:
         if row is None:
             return None
         return ActiveVersion(id=row.id, file=Path(row.file), collection=row.collection)
+
+
+def served_embedder(db: Database, index: VectorIndex, alias: str) -> ActiveVersion:
+    """The embedder whose collection ``alias`` names: the alias, not the DB flag, is the one
+    switch queries follow, so a swap takes effect for readers in one step."""
+    collection = index.resolve_alias(alias)
+    if collection is None:
+        raise SearchsvcError(
+            f"the index has no collection '{alias}' yet: run 'searchsvc ingest CATALOG' first"
+        )
+    with db.session() as session:
+        row = session.scalars(
+            select(ModelVersion).where(
+                ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.collection == collection
+            )
+        ).first()
+        if row is None:
+            raise SearchsvcError(f"collection {collection} belongs to no embedder version")
+        return ActiveVersion(row.id, Path(row.file), row.collection)
 
 
 def ensure_active_embedder(db: Database, settings: Settings) -> ActiveVersion:

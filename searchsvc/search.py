@@ -18,11 +18,11 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from searchsvc.config import Settings
-from searchsvc.db import Database, Feedback, Image, ModelKind, ModelVersion, Product, QueryLog
+from searchsvc.db import Database, Feedback, Image, Product, QueryLog
 from searchsvc.errors import NotFoundError, SearchsvcError
 from searchsvc.images import content_hash, decode_image, resize_center_crop
 from searchsvc.index import SearchHit, VectorIndex
-from searchsvc.model_store import ActiveVersion, ModelCache
+from searchsvc.model_store import ActiveVersion, ModelCache, served_embedder
 
 # How many points to fetch per wanted product: a product has several images, and results are
 # products. If the first fetch yields too few distinct products, the fetch grows.
@@ -139,24 +139,6 @@ class SearchService:
         self.models = models
         self.rerank_stage = rerank_stage
 
-    def _active_embedder(self) -> ActiveVersion:
-        """The embedder whose collection the alias names (the alias is the one switch)."""
-        collection = self.index.resolve_alias(self.settings.collection_alias)
-        if collection is None:
-            raise SearchsvcError(
-                f"the index has no collection '{self.settings.collection_alias}' yet: "
-                "run 'searchsvc ingest CATALOG' first"
-            )
-        with self.db.session() as session:
-            row = session.scalars(
-                select(ModelVersion).where(
-                    ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.collection == collection
-                )
-            ).first()
-            if row is None:
-                raise SearchsvcError(f"collection {collection} belongs to no embedder version")
-            return ActiveVersion(row.id, Path(row.file), row.collection)
-
     def query(
         self,
         data: bytes,
@@ -177,7 +159,9 @@ class SearchService:
         filters = dict(filters or {})
 
         t_load = time.perf_counter()
-        version, embedder = self.models.embedder(self._active_embedder())
+        version, embedder = self.models.embedder(
+            served_embedder(self.db, self.index, self.settings.collection_alias)
+        )
         started = time.perf_counter()  # stage timings exclude loading models (once a process)
         digest = content_hash(data)
         size = embedder.info.input_size
