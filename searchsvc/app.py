@@ -30,6 +30,8 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.db = Database(settings.sqlalchemy_url)
         self.models = ModelCache(settings, self.db)
         self.pixels = PixelStore(settings.media_dir)
