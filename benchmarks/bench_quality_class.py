@@ -1,0 +1,612 @@
+"""Retrieval quality at the CLASS level: Fashion-MNIST, relevance = same article type.
+
+Gallery and training data: the 60,000 training images; queries: the 10,000 test images
+(both subsettable for a short run). One run compares, on the same queries and gallery:
+
+- ``raw pixels``: cosine of the grey values of the 32x32 evaluation view;
+- ``embedder``: the ``small`` profile trained from scratch by
+  :func:`trainer.embedder.train_embedder` (its default config, a time budget);
+- ``embedder + STIR@5`` / ``@10``: a STIR trained by :func:`trainer.stir.train_stir` from
+  that embedder (its default config, a time budget), reranking the first 5 / 10 results;
+- ``perfect reranker@5`` / ``@10``: the first stage's top 5 / 10 reordered with every
+  relevant item first (the ceiling of any reranker of that depth: its CMC@1 is the first
+  stage's CMC@top_n).
+
+Ranking, reranking and metrics are the product's (:mod:`searchsvc.evaluation`,
+:mod:`searchsvc.metrics`); the first stage is run in chunks of queries to bound memory.
+
+Model selection: with only 10 labels, the balanced sampler's epoch is ONE batch, so a
+validation after every epoch would run after every step. This benchmark therefore trains
+without a validation callback (the last weights are kept); pass ``--val-size N`` to hold
+N training images out of training (they stay in the gallery) and validate on them
+(leave-one-out among themselves) after every epoch anyway.
+
+Usage::
+
+    python benchmarks/bench_quality_class.py [--train-minutes 20] [--gallery-size 60000]
+        [--queries 10000] [--seed 0] [--out benchmarks/results/quality_class]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from searchsvc.evaluation import (  # noqa: E402
+    KS,
+    REPORTED,
+    TOP_NS,
+    EvalSet,
+    FirstStageResult,
+    first_stage,
+    relevant_counts,
+    rerank_order,
+    score,
+)
+from searchsvc.models.embedder import (  # noqa: E402
+    Embedder,
+    EmbedderInfo,
+    EmbeddingNet,
+    new_embedding_net,
+    profile_spec,
+)
+from searchsvc.models.stir import StirScorer  # noqa: E402
+from searchsvc.training_data import LabelledImage, PixelLoader, load_size_for  # noqa: E402
+from trainer.augment import resize_pixels  # noqa: E402
+from trainer.data import TrainSet  # noqa: E402
+from trainer.embedder import EmbedderTrainConfig, train_embedder  # noqa: E402
+from trainer.loop import Budget, TrainResult, Validate  # noqa: E402
+from trainer.stir import StirTrainConfig, frozen_embeddings, train_stir  # noqa: E402
+
+PROFILE = "small"
+STEPS_CAP = 1_000_000
+"""Class level: the configs' ``epochs`` would mean 30 (embedder) and 10 (STIR) STEPS (an
+epoch of the balanced sampler is one batch with 10 labels), so the step count is left to
+the time budget: the trainer cuts this cap to what fits after its calibration steps."""
+DEFAULT_CACHE = Path(os.environ.get("SEARCHSVC_HOME", Path.home() / ".searchsvc")) / "datasets"
+
+# ------------------------------------------------------------------------------ machine info
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+        return out.stdout.strip() + (" (tracked files modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    }
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ pixels
+
+
+def grey_to_rgb(images: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` uint8 grey -> ``(N, H, W, 3)`` uint8."""
+    return np.repeat(images[..., None], 3, axis=-1)
+
+
+class ArrayEvalSet(EvalSet):
+    """An :class:`EvalSet` whose pixels are arrays held in memory (no files, no DB).
+
+    ``pixels`` maps an input size to ``(gallery pixels, query pixels)``; other sizes are
+    resized from the largest given. ``self_index[q]`` is the gallery position of query
+    ``q`` (the SOP protocol) or -1.
+    """
+
+    def __init__(
+        self,
+        gallery_labels: Sequence[Any],
+        query_labels: Sequence[Any],
+        self_index: np.ndarray,
+        pixels: dict[int, tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        gallery = [LabelledImage(str(lab), Path(), "", "catalog") for lab in gallery_labels]
+        queries = [
+            LabelledImage(str(lab), Path(), "", "catalog" if own >= 0 else "query")
+            for lab, own in zip(query_labels, self_index, strict=True)
+        ]
+        super().__init__(gallery, queries, np.asarray(self_index, np.int64), PixelLoader(0, 0))
+        self._arrays = dict(pixels)
+
+    def pixels(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        if size not in self._arrays:
+            gallery, queries = self._arrays[max(self._arrays)]
+            self._arrays[size] = (resize_pixels(gallery, size), resize_pixels(queries, size))
+        return self._arrays[size]
+
+    def unreadable(self, size: int) -> int:
+        return 0
+
+
+class RawPixelEmbedder:
+    """The ``raw pixels`` baseline with the :class:`Embedder` interface: the grey value of
+    every pixel (the three channels are equal), L2-normalised."""
+
+    def __init__(self, size: int) -> None:
+        self.info = EmbedderInfo(input_size=size, dim=size * size)
+
+    def embed(self, pixels: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        out = np.empty((len(pixels), self.info.dim), dtype=np.float32)
+        for start in range(0, len(pixels), batch_size):
+            chunk = pixels[start : start + batch_size].astype(np.float32).mean(axis=-1)
+            chunk = chunk.reshape(len(chunk), -1)
+            norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+            out[start : start + batch_size] = chunk / np.maximum(norms, 1e-12)
+        return out
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def rank_chunked(
+    eval_set: EvalSet,
+    embedder: Embedder | RawPixelEmbedder,
+    *,
+    depth: int,
+    chunk: int = 1000,
+    gallery_vectors: np.ndarray | None = None,
+) -> FirstStageResult:
+    """:func:`searchsvc.evaluation.rank_eval_set` with the exact brute-force search run on
+    ``chunk`` queries at a time (a 10k x 60k float64 distance matrix would be 4.8 GB)."""
+    size = embedder.info.input_size
+    gallery_px, query_px = eval_set.pixels(size)
+    if gallery_vectors is None:
+        gallery_vectors = embedder.embed(gallery_px, batch_size=256)
+    query_vectors = embedder.embed(query_px, batch_size=256)
+    gallery64 = np.asarray(gallery_vectors, dtype=np.float64)
+    ranked_parts, dist_parts = [], []
+    for start in range(0, len(query_vectors), chunk):
+        ranked, dist = first_stage(
+            query_vectors[start : start + chunk],
+            gallery64,
+            depth,
+            self_index=eval_set.self_index[start : start + chunk],
+        )
+        ranked_parts.append(ranked)
+        dist_parts.append(dist)
+    ranked = np.concatenate(ranked_parts)
+    distances = np.concatenate(dist_parts)
+    query_labels = [q.label for q in eval_set.queries]
+    gallery_labels = np.array([g.label for g in eval_set.gallery], dtype=object)
+    n_relevant = relevant_counts(query_labels, list(gallery_labels), eval_set.self_index)
+    base = score(gallery_labels[ranked], query_labels, n_relevant)
+    return FirstStageResult(
+        eval_set, ranked, distances, query_labels, gallery_labels, n_relevant, base
+    )
+
+
+def perfect_rows(result: FirstStageResult, top_ns: Sequence[int]) -> dict[str, dict[str, float]]:
+    """The first stage's top ``n`` reordered by an oracle (distance 0 for a relevant item,
+    1 otherwise) through the product's rerank merge."""
+    labels = result.gallery_labels[result.ranked]
+    relevant = labels == np.asarray(result.query_labels, dtype=object)[:, None]
+    rows = {}
+    for top_n in top_ns:
+        n = min(top_n, result.ranked.shape[1])
+        oracle = np.where(relevant[:, :n], 0.0, 1.0)
+        order = rerank_order(result.distances, oracle, n)
+        reordered = np.take_along_axis(result.ranked, order, axis=1)
+        rows[f"perfect@{top_n}"] = score(
+            result.gallery_labels[reordered], result.query_labels, result.n_relevant
+        ).metrics
+    return rows
+
+
+def make_validate_embedder(val_set: EvalSet, precision: str) -> Validate:
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        embedder = Embedder(model, device="auto", precision=precision)  # type: ignore[arg-type]
+        return rank_chunked(val_set, embedder, depth=max(KS)).base.metrics
+
+    return validate
+
+
+def make_validate_stir(val_set: EvalSet, net: EmbeddingNet, precision: str, top_n: int) -> Validate:
+    embedder = Embedder(net, device="auto", precision=precision)  # type: ignore[arg-type]
+    first = rank_chunked(val_set, embedder, depth=max([*KS, top_n]))
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        scorer = StirScorer(model, device="auto", precision=precision)  # type: ignore[arg-type]
+        return first.reranked(scorer.score_pairs, scorer.info.input_size, [top_n])[f"stir@{top_n}"]
+
+    return validate
+
+
+# ------------------------------------------------------------------------------ the comparison
+
+
+def train_summary(result: TrainResult) -> dict[str, Any]:
+    data = result.to_json()
+    history = data.pop("history")
+    data["epochs_logged"] = len(history)
+    data["history_tail"] = history[-3:]
+    return data
+
+
+def run_comparison(
+    *,
+    train_set: TrainSet,
+    eval_set: EvalSet,
+    val_set: EvalSet | None,
+    train_minutes: float,
+    seed: int,
+    precision: str,
+    chunk: int,
+    gallery_is_train: bool,
+    timings: dict[str, float],
+    progress: bool,
+    steps_cap: int | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, Any]]:
+    """Train the embedder and STIR through the trainer, evaluate every row. Returns
+    (rows, training records, eval counts)."""
+    spec = profile_spec(PROFILE)
+    depth = max([*KS, *TOP_NS])
+    rows: dict[str, dict[str, float]] = {}
+
+    tick = time.monotonic()
+    raw = rank_chunked(eval_set, RawPixelEmbedder(spec.input_size), depth=depth, chunk=chunk)
+    rows["raw pixels"] = raw.base.metrics
+    rows.update({f"raw pixels, {k}": v for k, v in perfect_rows(raw, TOP_NS).items()})
+    timings["eval_raw_pixels_s"] = time.monotonic() - tick
+    cmc1 = 100 * raw.base.metrics["cmc@1"]
+    log(f"raw pixels: CMC@1 {cmc1:.2f} ({timings['eval_raw_pixels_s']:.0f} s)")
+
+    embedder_config = EmbedderTrainConfig(
+        seed=seed,
+        precision=precision,  # type: ignore[arg-type]
+        steps=steps_cap,
+    )
+    net = new_embedding_net(spec, seed=seed)
+    tick = time.monotonic()
+    emb_result = train_embedder(
+        net,
+        train_set,
+        embedder_config,
+        validate=None if val_set is None else make_validate_embedder(val_set, precision),
+        budget=Budget.of_seconds(train_minutes * 60),
+        log=log,
+        progress=progress,
+    )
+    timings["train_embedder_s"] = time.monotonic() - tick
+    log(f"embedder: {emb_result.steps_done} steps in {timings['train_embedder_s']:.0f} s")
+
+    tick = time.monotonic()
+    train_vectors = frozen_embeddings(net, train_set, precision=precision)  # type: ignore[arg-type]
+    timings["embed_train_set_s"] = time.monotonic() - tick
+    embedder = Embedder(net, device="auto", precision=precision)  # type: ignore[arg-type]
+    tick = time.monotonic()
+    first = rank_chunked(
+        eval_set,
+        embedder,
+        depth=depth,
+        chunk=chunk,
+        gallery_vectors=train_vectors if gallery_is_train else None,
+    )
+    rows["embedder"] = first.base.metrics
+    timings["eval_embedder_s"] = time.monotonic() - tick
+    log(f"embedder: CMC@1 {100 * first.base.metrics['cmc@1']:.2f}")
+
+    stir_config = StirTrainConfig(
+        seed=seed,
+        precision=precision,  # type: ignore[arg-type]
+        steps=steps_cap,
+    )
+    tick = time.monotonic()
+    stir_net, stir_result = train_stir(
+        net,
+        train_set,
+        stir_config,
+        embeddings=train_vectors,
+        validate=None
+        if val_set is None
+        else make_validate_stir(val_set, net, precision, TOP_NS[0]),
+        budget=Budget.of_seconds(train_minutes * 60),
+        log=log,
+        progress=progress,
+    )
+    timings["train_stir_s"] = time.monotonic() - tick
+    log(f"stir: {stir_result.steps_done} steps in {timings['train_stir_s']:.0f} s")
+
+    tick = time.monotonic()
+    scorer = StirScorer(stir_net, device="auto", precision=precision)  # type: ignore[arg-type]
+    stir_rows = first.reranked(scorer.score_pairs, scorer.info.input_size, TOP_NS)
+    timings["eval_stir_s"] = time.monotonic() - tick
+    timings["stir_pairs_scored"] = float(len(first.ranked) * max(TOP_NS))
+    for top_n in TOP_NS:
+        rows[f"embedder + STIR@{top_n}"] = stir_rows[f"stir@{top_n}"]
+    for key, value in perfect_rows(first, TOP_NS).items():
+        rows[f"embedder, {key.replace('perfect', 'perfect reranker')}"] = value
+
+    training = {
+        "embedder": {
+            "profile": PROFILE,
+            "spec": spec.to_json(),
+            "config": embedder_config.resolve(spec).to_json(),
+            "result": train_summary(emb_result),
+        },
+        "stir": {
+            "config": stir_config.to_json(),
+            "result": train_summary(stir_result),
+            "init": "from the trained embedder",
+        },
+    }
+    counts = {
+        "n_queries": first.base.n_queries,
+        "n_skipped": first.base.n_skipped,
+        "n_gallery": len(eval_set.gallery),
+        "n_train": len(train_set.labels),
+    }
+    return rows, training, counts
+
+
+# ------------------------------------------------------------------------------ output
+
+
+ROW_ORDER = (
+    "raw pixels",
+    "embedder",
+    "embedder + STIR@5",
+    "embedder + STIR@10",
+    "embedder, perfect reranker@5",
+    "embedder, perfect reranker@10",
+    "raw pixels, perfect@5",
+    "raw pixels, perfect@10",
+)
+
+
+def ordered(rows: dict[str, dict[str, float]]) -> list[str]:
+    return [r for r in ROW_ORDER if r in rows] + [r for r in rows if r not in ROW_ORDER]
+
+
+def table_text(rows: dict[str, dict[str, float]]) -> str:
+    width = max(len(r) for r in rows)
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{m:>11}" for m in REPORTED)]
+    for row in ordered(rows):
+        cells = "  ".join(f"{100 * rows[row][m]:>11.2f}" for m in REPORTED)
+        lines.append(f"{row:<{width}}  {cells}")
+    return "\n".join(lines)
+
+
+def table_markdown(rows: dict[str, dict[str, float]]) -> str:
+    lines = ["| model | " + " | ".join(REPORTED) + " |", "|---" * (len(REPORTED) + 1) + "|"]
+    for row in ordered(rows):
+        lines.append(
+            f"| {row} | " + " | ".join(f"{100 * rows[row][m]:.2f}" for m in REPORTED) + " |"
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path | None, title: str, report: dict[str, Any]) -> None:
+    text = table_text(report["rows"])
+    print(f"\n{title}")
+    for key in ("cpu", "cores", "torch_threads", "date", "git_commit", "command"):
+        print(f"{key}: {report['machine'][key]}")
+    print(f"counts: {report['counts']}")
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()))
+    print("metrics in %\n" + text)
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    machine = report["machine"]
+    md = [
+        f"# {title}",
+        "",
+        f"- command: `{machine['command']}`",
+        f"- date: {machine['date']}; git commit: {machine['git_commit']}",
+        f"- machine: {machine['cpu']}, {machine['cores']} cores, torch "
+        f"{machine['torch']} with {machine['torch_threads']} threads, "
+        f"GPU: {machine['cuda'] or 'none'}",
+        f"- counts: {json.dumps(report['counts'])}",
+        f"- settings: `{json.dumps(report['settings'])}`",
+        "- training: "
+        + "; ".join(
+            f"{name} {t['result']['steps_done']} steps ({t['result']['stopped_by']}, "
+            f"{t['result']['seconds']:.0f} s)"
+            for name, t in report["training"].items()
+        ),
+        "- timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()),
+        "",
+        "Metrics in %. `perfect reranker@n`: the first stage's top n with every relevant item "
+        "first (CMC@1 = the first stage's CMC@n).",
+        "",
+        table_markdown(report["rows"]),
+        "",
+    ]
+    out.with_suffix(".md").write_text("\n".join(md))
+    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--train-minutes",
+        type=float,
+        default=20.0,
+        help="training budget PER MODEL (embedder, then STIR), minutes",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
+    parser.add_argument("--chunk", type=int, default=1000, help="queries per brute-force block")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def timed(timings: dict[str, float], name: str) -> Callable[[], None]:
+    start = time.monotonic()
+
+    def stop() -> None:
+        timings[name] = time.monotonic() - start
+
+    return stop
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    from searchsvc.datasets import load_fashion_mnist
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common_arguments(parser)
+    parser.add_argument("--gallery-size", type=int, default=60_000, help="training images used")
+    parser.add_argument("--queries", type=int, default=10_000, help="test images used")
+    parser.add_argument(
+        "--val-size",
+        type=int,
+        default=0,
+        help="training images held out of training to validate on (0: no validation)",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    machine = machine_info()
+    log(f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads")
+
+    stop = timed(timings, "data_s")
+    train_images, train_labels = load_fashion_mnist("train", args.cache_dir)
+    test_images, test_labels = load_fashion_mnist("test", args.cache_dir)
+    rng = np.random.default_rng(args.seed)
+    gallery_idx = np.sort(
+        rng.choice(len(train_images), min(args.gallery_size, len(train_images)), replace=False)
+    )
+    query_idx = np.sort(
+        rng.choice(len(test_images), min(args.queries, len(test_images)), replace=False)
+    )
+    spec = profile_spec(PROFILE)
+    size, load = spec.input_size, load_size_for(spec.input_size)
+    gallery_load = resize_pixels(grey_to_rgb(train_images[gallery_idx]), load)
+    query_load = resize_pixels(grey_to_rgb(test_images[query_idx]), load)
+    gallery_labels = train_labels[gallery_idx].astype(np.int64)
+    query_labels = test_labels[query_idx].astype(np.int64)
+    # The evaluation view is the training pixels' own (TrainSet.eval_pixels): load -> input.
+    eval_set = ArrayEvalSet(
+        gallery_labels,
+        query_labels,
+        np.full(len(query_idx), -1, dtype=np.int64),
+        {size: (resize_pixels(gallery_load, size), resize_pixels(query_load, size))},
+    )
+    val_set = None
+    train_rows = np.arange(len(gallery_idx))
+    if args.val_size > 0:
+        held = np.sort(rng.choice(len(gallery_idx), args.val_size, replace=False))
+        train_rows = np.setdiff1d(train_rows, held)
+        val_px = resize_pixels(gallery_load[held], size)
+        val_set = ArrayEvalSet(
+            gallery_labels[held],
+            gallery_labels[held],
+            np.arange(len(held)),
+            {size: (val_px, val_px)},
+        )
+    train_set = TrainSet(gallery_load[train_rows], gallery_labels[train_rows])
+    stop()
+    log(
+        f"data: gallery {len(gallery_idx)}, queries {len(query_idx)}, "
+        f"training {len(train_rows)}, validation {args.val_size}"
+    )
+
+    rows, training, counts = run_comparison(
+        train_set=train_set,
+        eval_set=eval_set,
+        val_set=val_set,
+        train_minutes=args.train_minutes,
+        seed=args.seed,
+        precision=args.precision,
+        chunk=args.chunk,
+        gallery_is_train=val_set is None,
+        timings=timings,
+        progress=not args.no_progress,
+        steps_cap=STEPS_CAP,
+    )
+    timings["total_s"] = time.monotonic() - started
+    settings = {
+        "level": "class",
+        "dataset": "Fashion-MNIST (original light-on-black images, grey -> RGB)",
+        "relevance": "same article type (label)",
+        "gallery": f"{len(gallery_idx)} training images (seeded subset when < 60000)",
+        "queries": f"{len(query_idx)} test images (seeded subset when < 10000)",
+        "train_minutes_per_model": args.train_minutes,
+        "seed": args.seed,
+        "precision": args.precision,
+        "profile": PROFILE,
+        "input_size": size,
+        "load_size": load,
+        "val_size": args.val_size,
+        "model_selection": "validation CMC@1 per epoch" if val_set else "none (last weights)",
+        "steps": f"cap {STEPS_CAP}: the time budget decides (one batch per epoch at 10 labels)",
+        "top_ns": list(TOP_NS),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    report = {
+        "title": "Retrieval quality, class level (Fashion-MNIST)",
+        "machine": machine,
+        "settings": settings,
+        "counts": counts,
+        "timings": timings,
+        "training": training,
+        "rows": rows,
+        "view_params": None,
+    }
+    write_outputs(args.out, report["title"], report)
+
+
+if __name__ == "__main__":
+    main()
