@@ -74,6 +74,36 @@ def plan_steps(
     return max(done, min(planned, affordable))
 
 
+def replan_after_calibration(
+    step_times: list[float],
+    planned: int,
+    done: int,
+    *,
+    validation_seconds: float,
+    steps_per_epoch: int,
+    budget: Budget,
+    bar: Any,
+    log: Log,
+    name: str,
+) -> int:
+    """Once ``CALIBRATION_STEPS`` steps are timed under a budget, fix the step count the
+    budget affords (see :func:`plan_steps`) and show it; otherwise keep ``planned``."""
+    if len(step_times) != CALIBRATION_STEPS or budget.deadline is None:
+        return planned
+    planned = plan_steps(
+        planned,
+        done,
+        seconds_per_step=float(sum(step_times[1:]) / (len(step_times) - 1)),
+        validation_seconds=validation_seconds,
+        steps_per_epoch=steps_per_epoch,
+        budget=budget,
+    )
+    bar.total = planned
+    bar.refresh()
+    log(f"{name}: {planned} steps fit the time budget")
+    return planned
+
+
 def lr_factor(step: int, *, warmup: int, total: int, floor: float = 0.01) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
     if step < warmup:

@@ -47,7 +47,7 @@ from trainer.loop import (
     Validate,
     epoch_line,
     fine_tuning,
-    plan_steps,
+    replan_after_calibration,
     run_validation,
     snapshot,
     stderr_log,
@@ -322,18 +322,17 @@ def train_stir(
                 step += 1
                 bar.update(1)
                 step_times.append(time.monotonic() - tick)
-                if len(step_times) == CALIBRATION_STEPS and budget.deadline is not None:
-                    planned = plan_steps(
-                        planned,
-                        step,
-                        seconds_per_step=float(np.mean(step_times[1:])),
-                        validation_seconds=val_seconds,
-                        steps_per_epoch=per_epoch,
-                        budget=budget,
-                    )
-                    bar.total = planned
-                    bar.refresh()
-                    log(f"stir: {planned} steps fit the time budget")
+                planned = replan_after_calibration(
+                    step_times,
+                    planned,
+                    step,
+                    validation_seconds=val_seconds,
+                    steps_per_epoch=per_epoch,
+                    budget=budget,
+                    bar=bar,
+                    log=log,
+                    name="stir",
+                )
             if losses:
                 entry: dict[str, Any] = {
                     "epoch": epoch + 1,
