@@ -550,15 +550,7 @@ def _embedder_stage(
             training=outcome.train or {},
             notes=f"retrain candidate: {decision.reason}",
         )
-        outcome.candidate_version, outcome.decision = version_id, decision
-        outcome.candidate, outcome.baseline = candidate, baseline
-        stage.update(
-            version_id=version_id,
-            decision=decision.to_json(),
-            candidate=_report_fields(candidate),
-            baseline=_report_fields(baseline),
-        )
-        state.save()
+        _record_decision(outcome, stage, state, version_id, decision, candidate, baseline)
 
     return outcome, net
 
@@ -719,15 +711,7 @@ def _stir_stage(
             training=outcome.train or {},
             notes=f"retrain candidate: {decision.reason}",
         )
-        outcome.candidate_version, outcome.decision = version_id, decision
-        outcome.candidate, outcome.baseline = candidate, baseline
-        stage.update(
-            version_id=version_id,
-            decision=decision.to_json(),
-            candidate=_report_fields(candidate),
-            baseline=_report_fields(baseline),
-        )
-        state.save()
+        _record_decision(outcome, stage, state, version_id, decision, candidate, baseline)
 
     return outcome
 
@@ -756,6 +740,27 @@ def _remove_checkpoint(path: Path) -> None:
     """A finished stage's training state is no longer needed (the candidate file is)."""
     path.unlink(missing_ok=True)
     config_path_for(path).unlink(missing_ok=True)
+
+
+def _record_decision(
+    outcome: StageOutcome,
+    stage: dict[str, Any],
+    state: _RunState,
+    version_id: int,
+    decision: GateDecision,
+    candidate: EvalReport,
+    baseline: EvalReport,
+) -> None:
+    """Keep a stage's gate decision on its outcome and in the resumable run state."""
+    outcome.candidate_version, outcome.decision = version_id, decision
+    outcome.candidate, outcome.baseline = candidate, baseline
+    stage.update(
+        version_id=version_id,
+        decision=decision.to_json(),
+        candidate=_report_fields(candidate),
+        baseline=_report_fields(baseline),
+    )
+    state.save()
 
 
 def _report_fields(report: EvalReport) -> dict[str, Any]:
