@@ -36,7 +36,7 @@ from searchsvc.model_store import active_version, served_embedder
 from searchsvc.models.embedder import Embedder
 from searchsvc.models.stir import StirScorer
 from searchsvc.pixels import PixelStore
-from searchsvc.rerank import merge_reranked
+from searchsvc.rerank import fuse_distances, merge_reranked
 from searchsvc.training_data import (
     DataSplit,
     LabelledImage,
@@ -166,6 +166,9 @@ def rerank_order(distances: np.ndarray, stir_distances: np.ndarray, top_n: int) 
         dtype=np.int64,
     )
 
+
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""Fusion weights tried by score calibration (0: STIR alone, the paper's rule)."""
 
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(N, S, S, 3)`` query pixels x ``(N, S, S, 3)`` candidate pixels -> ``(N,)`` distances."""
@@ -306,22 +309,72 @@ class FirstStageResult:
     base: MetricRow
 
     def reranked(
-        self, score_pairs: PairScorer, size: int, top_ns: Sequence[int] = TOP_NS
+        self,
+        score_pairs: PairScorer,
+        size: int,
+        top_ns: Sequence[int] = TOP_NS,
+        *,
+        fusion_weight: float = 0.0,
     ) -> dict[str, dict[str, float]]:
-        """Rows ``stir@<top_n>``: the ranking reranked by a pair scorer of ``size`` pixels."""
+        """Rows ``stir@<top_n>``: the ranking reranked by a pair scorer of ``size`` pixels,
+        its distances blended with the first stage's by ``fusion_weight``
+        (:func:`searchsvc.rerank.fuse_distances`; 0: STIR alone)."""
+        widest = self.pair_distances(score_pairs, size, max(top_ns))
+        return {
+            f"stir@{top_n}": self.rerank_metrics(widest, top_n, fusion_weight) for top_n in top_ns
+        }
+
+    def pair_distances(self, score_pairs: PairScorer, size: int, top_n: int) -> FloatArray:
+        """``(Q, n)`` pair distances of every query and its first ``top_n`` results."""
         gallery_px, query_px = self.eval_set.pixels(size)
-        widest = stir_distances(
-            score_pairs, query_px, lambda keys: gallery_px[keys], self.ranked, max(top_ns)
+        return stir_distances(
+            score_pairs, query_px, lambda keys: gallery_px[keys], self.ranked, top_n
         )
-        rows = {}
-        for top_n in top_ns:
-            n = min(top_n, self.ranked.shape[1])
-            order = rerank_order(self.distances, widest[:, :n], n)
-            reordered = np.take_along_axis(self.ranked, order, axis=1)
-            rows[f"stir@{top_n}"] = score(
-                self.gallery_labels[reordered], self.query_labels, self.n_relevant
-            ).metrics
-        return rows
+
+    def calibrated(
+        self,
+        score_pairs: PairScorer,
+        size: int,
+        top_n: int,
+        *,
+        metric: str = "cmc@1",
+        weights: Sequence[float] = FUSION_WEIGHTS,
+    ) -> tuple[float, dict[str, float]]:
+        """Score calibration: the fusion weight (:func:`searchsvc.rerank.fuse_distances`)
+        under which reranking the first ``top_n`` scores best on this set by ``metric``,
+        and the metrics it gives. Ties go to the larger weight (closer to the first stage's
+        order, the safer choice)."""
+        return self.best_fusion(
+            self.pair_distances(score_pairs, size, top_n), top_n, metric=metric, weights=weights
+        )
+
+    def best_fusion(
+        self,
+        pair_distances: np.ndarray,
+        top_n: int,
+        *,
+        metric: str = "cmc@1",
+        weights: Sequence[float] = FUSION_WEIGHTS,
+    ) -> tuple[float, dict[str, float]]:
+        """:meth:`calibrated` on pair distances already computed."""
+        best_weight, best_rows = 0.0, None
+        for weight in sorted(weights):
+            rows = self.rerank_metrics(pair_distances, top_n, weight)
+            if best_rows is None or rows[metric] >= best_rows[metric]:
+                best_weight, best_rows = weight, rows
+        assert best_rows is not None, "no fusion weights to try"
+        return best_weight, best_rows
+
+    def rerank_metrics(
+        self, pair_distances: np.ndarray, top_n: int, fusion_weight: float = 0.0
+    ) -> dict[str, float]:
+        """The metrics after reranking the first ``top_n`` by (fused) pair distances
+        (:meth:`pair_distances`, at least ``top_n`` wide)."""
+        n = min(top_n, self.ranked.shape[1])
+        fused = fuse_distances(self.distances[:, :n], pair_distances[:, :n], fusion_weight)
+        order = rerank_order(self.distances, fused, n)
+        reordered = np.take_along_axis(self.ranked, order, axis=1)
+        return score(self.gallery_labels[reordered], self.query_labels, self.n_relevant).metrics
 
 
 def rank_eval_set(
@@ -356,7 +409,14 @@ def evaluate(
     result = rank_eval_set(eval_set, embedder, depth=max([*KS, *top_ns]), batch_size=batch_size)
     rows = {"embedder": result.base.metrics}
     if stir is not None:
-        rows.update(result.reranked(stir.score_pairs, stir.info.input_size, top_ns))
+        rows.update(
+            result.reranked(
+                stir.score_pairs,
+                stir.info.input_size,
+                top_ns,
+                fusion_weight=stir.info.fusion_weight,
+            )
+        )
     return EvalReport(
         rows=rows,
         n_queries=result.base.n_queries,
@@ -508,7 +568,8 @@ def evaluate_live(
         )
         for top_n in top_ns:
             n = min(top_n, width)
-            order = rerank_order(distances, widest[:, :n], n)
+            fused = fuse_distances(distances[:, :n], widest[:, :n], scorer.info.fusion_weight)
+            order = rerank_order(distances, fused, n)
             rows[f"stir@{top_n}"] = score(
                 np.take_along_axis(labels, order, axis=1), query_labels, n_relevant
             ).metrics

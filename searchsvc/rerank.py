@@ -2,7 +2,9 @@
 
 The first stage returns the top ``k`` by embedding distance, best first. STIR scores the
 first ``top_n`` of them; those are re-sorted by STIR distance, and the rest keep their
-first-stage order after them. The first-stage distance is NOT mixed into the STIR score.
+first-stage order after them. In the paper the first-stage distance is NOT mixed into the
+STIR score; a STIR file may carry a calibrated ``fusion_weight`` (fitted on validation by
+the trainer, 0 = the paper's rule) with which :func:`fuse_distances` blends the two first.
 
 Reported distances stay non-decreasing down the merged list: the reranked block's STIR
 distances are mapped into an interval that ends below the first item that was not
@@ -15,6 +17,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
 
 T = TypeVar("T")
 
@@ -98,3 +103,37 @@ def merge_reranked(
         block_distances = [min(lo + (hi - lo) * stir[i], hi) for i in block]
     order = block + list(range(top_n, k))
     return MergeResult(order=order, distances=block_distances + first[top_n:])
+
+
+def fuse_distances(
+    first_stage_distances: np.ndarray | Sequence[float],
+    stir_distances: np.ndarray | Sequence[float],
+    weight: float,
+) -> NDArray[np.float64]:
+    """Blend STIR distances with the first stage's, per query: ``(s + w * r) / (1 + w)``.
+
+    ``r`` is each candidate's first-stage distance rescaled within its own query's block,
+    ``(d - d_1) / (d_n - d_1)`` (0 when the block's distances are all equal), so the blend
+    does not depend on the embedder's distance scale. The result stays in ``[0, 1]`` and
+    is what :func:`merge_reranked` sorts by. ``weight = 0`` returns the STIR distances
+    unchanged (the paper's rule); a large weight keeps the first-stage order and lets STIR
+    break near-ties only.
+
+    Works on one query (``(n,)`` arrays) or many (``(Q, n)``); the first-stage block must be
+    the first ``n`` first-stage distances, best first.
+    """
+    if weight < 0 or not math.isfinite(weight):
+        raise ValueError(f"fusion weight must be finite and >= 0, got {weight}")
+    first = np.asarray(first_stage_distances, dtype=np.float64)
+    stir = np.asarray(stir_distances, dtype=np.float64)
+    if first.shape != stir.shape or first.ndim not in (1, 2):
+        raise ValueError(
+            f"first-stage and STIR distances must have one shape (n,) or (Q, n), got "
+            f"{first.shape} and {stir.shape}"
+        )
+    if weight == 0:
+        return stir.copy()
+    low, high = first[..., :1], first[..., -1:]
+    span = high - low
+    relative = np.divide(first - low, span, out=np.zeros_like(first), where=span > 0)
+    return np.clip((stir + weight * relative) / (1 + weight), 0.0, 1.0)

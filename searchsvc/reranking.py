@@ -91,6 +91,7 @@ class StirRerankStage:
             size=size,
             query_pixels_b64=encode_pixels(query.pixels(size)),
             candidate_hashes=[hashes[c.image_id] for c in head],
+            first_stage_distances=[1.0 - c.score for c in head],
         )
         prepared = time.perf_counter()
         dispatcher = self._dispatcher()

@@ -22,6 +22,7 @@ from searchsvc.images import content_hash, load_pixels, read_image_bytes
 from searchsvc.index import IndexPoint, VectorIndex, point_id_for
 from searchsvc.model_store import ActiveVersion, ModelCache
 from searchsvc.pixels import PixelStore
+from searchsvc.rerank import fuse_distances
 
 EMBED_TASK = "searchsvc.embed_images"
 RERANK_TASK = "searchsvc.rerank"
@@ -199,6 +200,9 @@ class RerankRequest:
     candidate_hashes: list[str]
     """Content hashes of the candidate images, whose pixels the worker reads from the
     shared pixel store."""
+    first_stage_distances: list[float] | None = None
+    """The candidates' first-stage distances (best first), for a STIR whose file carries a
+    fusion weight (:func:`searchsvc.rerank.fuse_distances`)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,6 +215,11 @@ class RerankRequest:
             size=int(data["size"]),
             query_pixels_b64=str(data["query_pixels_b64"]),
             candidate_hashes=[str(h) for h in data["candidate_hashes"]],
+            first_stage_distances=(
+                None
+                if data.get("first_stage_distances") is None
+                else [float(d) for d in data["first_stage_distances"]]
+            ),
         )
 
 
@@ -236,7 +245,8 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
     """STIR distances of (query, candidate) pairs: pixels from the store, one forward.
 
     Requests that arrive together (a worker serving several queries) share a forward pass
-    through the version's micro-batcher.
+    through the version's micro-batcher. A STIR calibrated with a fusion weight blends in
+    the first-stage distances the request carries (it must carry them).
     """
     started = time.perf_counter()
     version = ActiveVersion(request.stir_version, Path(request.stir_file), None)
@@ -247,7 +257,16 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
     query = decode_pixels(request.query_pixels_b64, size)
     candidates = [ctx.pixels.get(digest, size) for digest in request.candidate_hashes]
     loaded = time.perf_counter()
-    distances = batcher.run([(query, candidate) for candidate in candidates])
+    weight = scorer.info.fusion_weight
+    first = request.first_stage_distances
+    if weight > 0 and (first is None or len(first) != len(candidates)):
+        raise ValueError(
+            f"STIR v{version.id} blends first-stage distances (fusion weight {weight:g}): the "
+            f"request must carry one per candidate"
+        )
+    distances = [float(d) for d in batcher.run([(query, c) for c in candidates])]
+    if weight > 0 and first is not None:
+        distances = fuse_distances(first, distances, weight).tolist()
     done = time.perf_counter()
     return RerankResponse(
         stir_version=version.id,

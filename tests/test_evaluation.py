@@ -11,9 +11,11 @@ from PIL import Image
 
 from searchsvc.errors import SearchsvcError
 from searchsvc.evaluation import (
+    FUSION_WEIGHTS,
     REPORTED,
     EvalReport,
     EvalSet,
+    FirstStageResult,
     first_stage,
     format_table,
     load_query_set,
@@ -170,3 +172,40 @@ def test_labelled_query_sets_in_both_layouts(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SearchsvcError, match="no labelled query photos"):
         load_query_set(tmp_path / "empty")
+
+
+def test_calibration_picks_the_fusion_weight_that_ranks_best_ties_to_the_larger() -> None:
+    """Two queries whose match sits at first-stage rank 2. A pair scorer that is right
+    about query 0 and wrong about query 1 helps only when blended with the first stage
+    at a small weight; a scorer that knows nothing calibrates to the largest weight."""
+    eval_set = EvalSet(
+        gallery=[LabelledImage(lab, Path(), "", "catalog") for lab in ("a", "x", "b", "y")],
+        queries=[LabelledImage(lab, Path(), "", "query") for lab in ("a", "b")],
+        self_index=np.array([-1, -1]),
+        loader=PixelLoader(0, 0),
+    )
+    ranked = np.array([[1, 0, 3], [3, 2, 1]])
+    distances = np.array([[0.10, 0.12, 0.50], [0.10, 0.40, 0.50]])
+    labels = np.array(["a", "x", "b", "y"], dtype=object)
+    result = FirstStageResult(
+        eval_set,
+        ranked,
+        distances,
+        ["a", "b"],
+        labels,
+        np.array([1, 1]),
+        score(labels[ranked], ["a", "b"], np.array([1, 1])),
+    )
+    assert result.base.metrics["cmc@1"] == 0.0
+    # query 0: the scorer prefers its match clearly (0.2 vs 0.6); query 1: it prefers the
+    # match too, but the first stage's gap (0.10 vs 0.40, relative 0 vs 0.75) is large.
+    pair = np.array([[0.6, 0.2, 0.9], [0.6, 0.3, 0.9]])
+    alone = result.rerank_metrics(pair, 3, 0.0)
+    assert alone["cmc@1"] == 1.0
+    fused = result.rerank_metrics(pair, 3, 1.0)  # q1: (0.6+0)/2=0.3 < (0.3+0.75)/2
+    assert fused["cmc@1"] == 0.5
+    # w = 0 and 0.25 both rank both matches first: the tie goes to the larger weight
+    weight, rows = result.best_fusion(pair, 3)
+    assert weight == 0.25 and rows["cmc@1"] == 1.0
+    weight, rows = result.best_fusion(np.full((2, 3), 0.5), 3)
+    assert weight == max(FUSION_WEIGHTS) and rows["cmc@1"] == 0.0  # no signal: the largest

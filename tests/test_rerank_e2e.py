@@ -24,7 +24,7 @@ from searchsvc.db import Image as ImageRow
 from searchsvc.images import load_pixels
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.profiles import PROFILES
-from searchsvc.models.stir import StirConfig, StirNet, save_stir
+from searchsvc.models.stir import StirConfig, StirNet, load_stir, save_stir
 from searchsvc.pixels import PixelStore
 
 S = PROFILES["small"].input_size
@@ -160,3 +160,17 @@ def test_stir_corrects_a_wrong_rank_one_and_falls_back_on_every_failure(
 
     run("model", "deactivate-reranker")
     assert query_json(query)["rerank_reason"] == "no reranker is active"
+
+    # The same STIR calibrated to lean on the first stage (a huge fusion weight): the
+    # worker receives the first-stage distances and blends them in, so it keeps the first
+    # stage's order although it still serves.
+    leaning = load_stir(stir_file)
+    leaning.config = dataclasses.replace(leaning.config, fusion_weight=1e6)
+    leaning_file = tmp_path / "stir-leaning.safetensors"
+    save_stir(leaning, leaning_file)
+    run("model", "add", "stir", str(leaning_file), "--activate")
+    fused = query_json(query, "--top-k", "8")
+    assert fused["reranked"] is True and fused["reranker"] == "stir-v3"
+    assert [r["product_id"] for r in fused["results"]] == [
+        r["product_id"] for r in first_stage["results"]
+    ]

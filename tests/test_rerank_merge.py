@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from searchsvc.rerank import MergeResult, merge_reranked, validate_top_n
+from searchsvc.rerank import MergeResult, fuse_distances, merge_reranked, validate_top_n
 
 FIRST = [0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70]
 
@@ -140,3 +141,39 @@ def test_constant_and_oracle_scorers_property(case: tuple[list[float], list[floa
     n_match = sum(is_match)
     assert all(is_match[i] for i in order[:n_match])
     assert order[:n_match] == [i for i in range(top_n) if is_match[i]]
+
+
+def test_fusion_weight_zero_is_the_papers_rule() -> None:
+    stir = [0.9, 0.2, 0.5]
+    assert fuse_distances(FIRST[:3], stir, 0.0).tolist() == stir
+
+
+def test_fusion_blends_stir_with_the_rescaled_first_stage_distance() -> None:
+    # first block 0.1, 0.2, 0.3 -> relative 0, 0.5, 1; w = 1: (s + r) / 2
+    fused = fuse_distances([0.1, 0.2, 0.3], [0.6, 0.2, 0.0], 1.0)
+    assert fused == pytest.approx([0.3, 0.35, 0.5])
+    # STIR alone would put item 2 first; the blend keeps item 0 there.
+    assert merge_reranked(FIRST, fused.tolist(), top_n=3).order[:3] == [0, 1, 2]
+    assert merge_reranked(FIRST, [0.6, 0.2, 0.0], top_n=3).order[:3] == [2, 1, 0]
+
+
+def test_a_large_fusion_weight_keeps_the_first_stage_order() -> None:
+    stir = [0.99, 0.5, 0.01, 0.3, 0.7]
+    fused = fuse_distances(FIRST[:5], stir, 1e6)
+    assert merge_reranked(FIRST, fused.tolist(), top_n=5).order == list(range(7))
+
+
+def test_fusion_is_scale_free_and_works_row_by_row() -> None:
+    first = np.array([[0.1, 0.2, 0.4], [1.0, 2.0, 4.0], [0.5, 0.5, 0.5]])
+    stir = np.array([[0.3, 0.1, 0.2], [0.3, 0.1, 0.2], [0.3, 0.1, 0.2]])
+    fused = fuse_distances(first, stir, 2.0)
+    assert fused[0] == pytest.approx(fused[1])  # 10x the first-stage scale: same blend
+    assert fused[2] == pytest.approx(stir[2] / 3)  # all tied: only STIR speaks
+    assert ((fused >= 0) & (fused <= 1)).all()
+
+
+def test_fusion_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="weight"):
+        fuse_distances([0.1, 0.2], [0.5, 0.5], -1.0)
+    with pytest.raises(ValueError, match="shape"):
+        fuse_distances([0.1, 0.2], [0.5], 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -347,3 +348,58 @@ def test_tiny_stir_learns_to_compare_and_reranks_a_true_match_first() -> None:
         merged = merge_reranked([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], list(distances), top_n=5)
         wins += merged.order[0] == 3
     assert wins >= 8, wins
+
+
+def test_new_config_fields_round_trip_and_validate() -> None:
+    config = StirConfig(spec=SPEC, positional="split", joint_blocks=2, fusion_weight=0.5)
+    assert StirConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    with pytest.raises(ValueError, match="split"):
+        StirConfig(spec=SPEC, positional="interpolate", joint_blocks=2)
+    with pytest.raises(ValueError, match="fusion_weight"):
+        StirConfig(spec=SPEC, fusion_weight=-1.0)
+    with pytest.raises(ModelError, match="depth"):
+        StirNet(StirConfig(spec=SPEC, positional="split", joint_blocks=99))
+
+
+def _trained_bn(embedder: EmbeddingNet) -> EmbeddingNet:
+    """A copy whose BatchNorm holds real statistics (a fresh one is an identity)."""
+    net = copy.deepcopy(embedder).train()
+    with torch.no_grad():
+        for seed in range(3):
+            net(_images(16, 100 + seed))
+    return net.eval()
+
+
+def test_late_fusion_without_joint_blocks_sees_each_image_as_the_embedder(
+    embedder: EmbeddingNet,
+) -> None:
+    """joint_blocks=0: the two halves' features ARE the embedder's vectors of the two
+    images (its BatchNorm statistics included), so training starts from what serves."""
+    net = _trained_bn(embedder)
+    stir = _stir(net, "split", joint_blocks=0)
+    query, candidates = _images(3, 1), _images(3, 2)
+    with torch.no_grad():
+        features = stir._late_fusion_features(torch.cat([query, candidates], dim=2))
+        expected_q, expected_c = net(query), net(candidates)
+    dim = stir.dim
+    torch.testing.assert_close(features[:, :dim], expected_q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(features[:, dim : 2 * dim], expected_c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(features[:, 2 * dim : 3 * dim], expected_q * expected_c)
+
+
+def test_late_fusion_joint_blocks_let_each_half_change_the_other(
+    embedder: EmbeddingNet,
+) -> None:
+    net = _trained_bn(embedder)
+    query, other = _images(2, 3), _images(2, 4)
+    candidates = _images(2, 5)
+    for joint, crosses in ((0, False), (2, True)):
+        stir = _stir(net, "split", joint_blocks=joint)
+        with torch.no_grad():
+            a = stir._late_fusion_features(torch.cat([query, candidates], dim=2))
+            b = stir._late_fusion_features(torch.cat([other, candidates], dim=2))
+        dim = stir.dim
+        # the candidate's own features move with the query only through joint blocks
+        moved = not torch.allclose(a[:, dim : 2 * dim], b[:, dim : 2 * dim], atol=1e-6)
+        assert moved is crosses, joint
+        assert stir(query, candidates).shape == (2,)

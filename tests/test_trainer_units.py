@@ -18,8 +18,16 @@ from trainer.augment import random_resized_crop, resize_pixels
 from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
 from trainer.loop import Budget, fine_tuning, lr_factor, plan_steps
-from trainer.losses import triplet_loss
-from trainer.miners import all_triplets, hardest_triplets, mine_pairs, pairwise_distances
+from trainer.losses import group_listwise_loss, triplet_loss
+from trainer.miners import (
+    all_triplets,
+    hardest_triplets,
+    mine_pairs,
+    neighbour_table,
+    pairwise_distances,
+    relative_distances,
+    useful_anchors,
+)
 from trainer.samplers import BalancedBatchSampler
 from trainer.stir import StirTrainConfig, train_stir
 
@@ -290,3 +298,80 @@ def test_stir_uses_logged_hard_negatives() -> None:
         log=lambda _: None,
     )
     assert result.steps_done == 2
+
+
+# ------------------------------------------------------------------------------ neighbour groups
+
+
+def test_neighbour_table_is_exact_nearest_first_and_excludes_itself() -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(50, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    indices, distances = neighbour_table(vectors, 4, chunk=7)  # chunks that do not divide 50
+    brute = 1.0 - vectors @ vectors.T
+    np.fill_diagonal(brute, np.inf)
+    expected = np.argsort(brute, axis=1, kind="stable")[:, :4]
+    assert (indices == expected).all()
+    assert not (indices == np.arange(50)[:, None]).any()
+    assert (np.diff(distances, axis=1) >= 0).all()
+    np.testing.assert_allclose(distances, np.take_along_axis(brute, expected, axis=1), atol=1e-6)
+
+
+def test_useful_anchors_and_relative_distances() -> None:
+    labels = np.array([0, 0, 1, 1, -1])
+    neighbours = np.array([[1, 2], [0, 3], [3, 3], [0, 1], [0, 2]])
+    # item 0: match 1 + non-match 2; item 1: both; item 2: only matches; item 3: only
+    # non-matches; item 4: unlabelled, never an anchor
+    assert useful_anchors(neighbours, labels).tolist() == [0, 1]
+    rel = relative_distances(np.array([[0.1, 0.2, 0.5], [0.3, 0.3, 0.3]]))
+    np.testing.assert_allclose(rel, [[0.0, 0.25, 1.0], [0.0, 0.0, 0.0]])
+
+
+def test_group_listwise_loss_hand_computed_and_the_prior_shifts_it() -> None:
+    logits = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 2.0], [0.0, 1.0, 2.0]])
+    negative = torch.tensor([[True, False, True], [True, False, True], [True, True, True]])
+    # row 3 has no match: skipped. Row 1: uniform -> log 3. Row 2: -logits = (-1, 1, -2);
+    # loss = logsumexp(-1, 1, -2) - 1.
+    expected = (np.log(3) + (np.log(np.exp(-1) + np.exp(1) + np.exp(-2)) - 1)) / 2
+    loss = group_listwise_loss(logits, negative)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # a prior that already ranks the match first leaves less to learn
+    prior = torch.tensor([[3.0, 0.0, 3.0], [3.0, 0.0, 3.0], [0.0, 0.0, 0.0]])
+    assert float(group_listwise_loss(logits, negative, prior)) < float(loss)
+
+
+def test_neighbour_groups_are_the_first_stage_lists() -> None:
+    data = tiny_data(products=5, views=3)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(data.labels), 6)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    groups = stir_module.NeighbourGroups(vectors, data.labels, 4, per_step=3, seed=0)
+    table, _ = neighbour_table(vectors, 4)
+    batches = list(groups.epoch(0))
+    assert len(batches) == len(groups.anchors) // 3
+    assert all((a == b).all() for a, b in zip(batches, groups.epoch(0), strict=True))  # seeded
+    pairs = groups.pairs(batches[0])
+    assert pairs.groups == (3, 4)
+    assert (pairs.second.reshape(3, 4) == table[batches[0]]).all()
+    assert (pairs.is_negative == (data.labels[pairs.first] != data.labels[pairs.second])).all()
+
+
+def test_stir_trains_on_neighbour_groups_and_calibrates_its_fusion_weight() -> None:
+    calls: list[int] = []
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        calls.append(1)
+        return {"cmc@1": 0.5 + 0.1 * len(calls), "fusion_weight": float(len(calls))}
+
+    net, result = train_stir(
+        _embedder(),
+        tiny_data(products=8, views=3),
+        _stir_config(steps=4, pairs="neighbours", group_size=3, anchors_per_step=4),
+        validate=validate,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert result.steps_done == 4
+    # the last validation scored best: its calibrated weight travels with the model
+    assert net.config.fusion_weight == float(len(calls)) and len(calls) >= 2
+    assert net.config.joint_blocks == 1  # the tiny backbone's whole depth (default: 2)

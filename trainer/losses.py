@@ -48,3 +48,26 @@ def triplet_loss(
 def stir_loss(logits: torch.Tensor, is_negative: torch.Tensor) -> torch.Tensor:
     """BCE with logits; the target is "the pair is NEGATIVE" (STIR's logit)."""
     return F.binary_cross_entropy_with_logits(logits.float(), is_negative.float())
+
+
+def group_listwise_loss(
+    logits: torch.Tensor, is_negative: torch.Tensor, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per group (a query and its first-stage candidates, ``(G, k)``), the softmax
+    cross-entropy of ``-logit`` with every match as a target: it trains the ORDER within a
+    query, which is all a reranker is judged on. Groups without a match or without a
+    non-match carry no order and are skipped.
+
+    ``prior``: ``(G, k)`` logits added before the softmax (the first stage's rescaled
+    distances times a weight): STIR then learns what to change in the first stage's order,
+    not the order itself (residual training).
+    """
+    scores = logits.float() if prior is None else logits.float() + prior.float()
+    negative = is_negative.bool()
+    usable = (~negative).any(dim=1) & negative.any(dim=1)
+    if not usable.any():
+        return logits.sum() * 0.0
+    scores, negative = -scores[usable], negative[usable]
+    everything = torch.logsumexp(scores, dim=1)
+    matches = torch.logsumexp(scores.masked_fill(negative, -torch.inf), dim=1)
+    return (everything - matches).mean()

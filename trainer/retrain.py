@@ -627,10 +627,12 @@ def _stir_stage(
     else:
 
         def validate(model: Any) -> dict[str, float]:
-            rows = first_stage.reranked(
-                scorer_of(model).score_pairs, model.spec.input_size, [top_n]
+            # Score calibration: the fusion weight that reranks this split best (0 = STIR
+            # alone) is part of what validation selects.
+            weight, rows = first_stage.calibrated(
+                scorer_of(model).score_pairs, model.spec.input_size, top_n
             )
-            return rows[f"stir@{top_n}"]
+            return {**rows, "fusion_weight": weight}
 
         embeddings = frozen_embeddings(
             serving_net,
@@ -667,7 +669,12 @@ def _stir_stage(
         base_rows = {"embedder": first_stage.base.metrics}
         candidate_rows = {
             **base_rows,
-            **first_stage.reranked(scorer_of(net).score_pairs, net.spec.input_size, top_ns),
+            **first_stage.reranked(
+                scorer_of(net).score_pairs,
+                net.spec.input_size,
+                top_ns,
+                fusion_weight=net.config.fusion_weight,
+            ),
         }
         candidate = _report(first_stage, candidate_rows, {"stir": "candidate"})
         if serving_stir is not None:
@@ -677,7 +684,10 @@ def _stir_stage(
             baseline_rows = {
                 **base_rows,
                 **first_stage.reranked(
-                    serving_scorer.score_pairs, serving_scorer.info.input_size, top_ns
+                    serving_scorer.score_pairs,
+                    serving_scorer.info.input_size,
+                    top_ns,
+                    fusion_weight=serving_scorer.info.fusion_weight,
                 ),
             }
             baseline = _report(first_stage, baseline_rows, {"stir": f"v{serving_stir.id}"})

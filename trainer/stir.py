@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -47,17 +47,19 @@ from trainer.loop import (
     Validate,
     epoch_line,
     fine_tuning,
+    lr_factor,
     replan_after_calibration,
     run_validation,
     snapshot,
     stderr_log,
 )
-from trainer.losses import stir_loss
-from trainer.miners import mine_pairs
+from trainer.losses import group_listwise_loss, stir_loss
+from trainer.miners import mine_pairs, neighbour_table, relative_distances, useful_anchors
 from trainer.samplers import BalancedBatchSampler
 from trainer.state import load_state, save_state
 
 Phase = Literal["head", "full"]
+PairSource = Literal["neighbours", "batch"]
 PhaseHook = Callable[[Phase, StirNet], None]
 
 
@@ -66,19 +68,36 @@ class StirTrainConfig:
     epochs: int = 10
     steps: int | None = None
     """Exact number of optimisation steps (overrides ``epochs``)."""
-    head_only_fraction: float = 0.3
-    """Share of the steps with the backbone frozen (the reference: its first 3 epochs)."""
+    head_only_fraction: float = 0.1
+    """Share of the steps with the backbone frozen (the reference: its first 3 epochs of
+    10; shorter here, where the late-fusion head starts from the embedder's features)."""
     lr_head: float = 2e-3
     lr_full: float | None = None
     """None: 1e-5 for a hub-pretrained backbone (the reference recipe), 1e-4 for one
     trained from scratch."""
+    pairs: PairSource = "neighbours"
+    """``neighbours``: each step takes ``anchors_per_step`` training images and their
+    ``group_size`` nearest neighbours by the frozen embedder, i.e. exactly the lists a
+    reranker sees at query time. ``batch``: the reference pipeline's balanced batches
+    (``n_labels x n_instances``) with per-anchor hardest pairs and a random-to-hard
+    curriculum (``curriculum_fraction``)."""
+    anchors_per_step: int = 16
+    group_size: int = 6
+    listwise: bool = True
+    """``neighbours``: add the per-group ranking loss (:func:`group_listwise_loss`) to BCE."""
+    residual_weight: float = 2.0
+    """``neighbours`` + ``listwise``: the first stage's rescaled distance times this weight
+    is added to the group's logits in the ranking loss (residual training; 0: off)."""
     n_labels: int = 16
     n_instances: int = 4
     crop_scale: tuple[float, float] = (0.8, 1.0)
     curriculum_fraction: float = 0.5
     hard_negatives_per_batch: int = 8
     positional: Positional = "split"
-    dropout: float = 0.5
+    joint_blocks: int | None = 2
+    """Late fusion (:class:`StirConfig`): only the last 2 blocks attend across the pair.
+    None: the paper's form, every block over the whole pair."""
+    dropout: float = 0.1
     select_metric: str = "cmc@1"
     seed: int = 0
     device: str = "auto"
@@ -90,6 +109,12 @@ class StirTrainConfig:
         for name in ("head_only_fraction", "curriculum_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
+        if self.pairs not in ("neighbours", "batch"):
+            raise ValueError(f"pairs must be 'neighbours' or 'batch', got {self.pairs!r}")
+        if self.anchors_per_step < 1 or self.group_size < 2:
+            raise ValueError("anchors_per_step must be >= 1 and group_size >= 2")
+        if self.residual_weight < 0:
+            raise ValueError(f"residual_weight must be >= 0, got {self.residual_weight}")
 
     def full_rate(self, spec: EmbedderSpec) -> float:
         if self.lr_full is not None:
@@ -157,6 +182,63 @@ def _check_unchanged(net: StirNet, before: list[torch.Tensor]) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- pair sources
+
+
+@dataclass(frozen=True)
+class StepPairs:
+    """One step's training pairs (item indices) and, for neighbour groups, their layout."""
+
+    first: np.ndarray
+    second: np.ndarray
+    is_negative: np.ndarray
+    groups: tuple[int, int] | None = None
+    """``(G, k)``: the first ``G * k`` pairs are ``G`` groups of ``k`` (row-major)."""
+    prior: np.ndarray | None = None
+    """``(G, k)`` rescaled first-stage distances of the groups' candidates."""
+
+
+class NeighbourGroups:
+    """Anchors with their ``group_size`` nearest neighbours by the frozen embedder: the
+    lists a reranker sees at query time. An epoch visits every useful anchor once (those
+    whose group holds a match and a non-match), ``per_step`` at a time, in a seeded order."""
+
+    def __init__(
+        self, embeddings: np.ndarray, labels: np.ndarray, group_size: int, per_step: int, seed: int
+    ) -> None:
+        self.neighbours, distances = neighbour_table(embeddings, group_size)
+        self.relative = relative_distances(distances)
+        self.labels = labels
+        self.anchors = useful_anchors(self.neighbours, labels)
+        if len(self.anchors) == 0:
+            raise ValueError(
+                "no training image has both a match and a non-match among its "
+                f"{group_size} nearest neighbours: nothing for a reranker to learn"
+            )
+        self.per_step = min(per_step, len(self.anchors))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.anchors) // self.per_step
+
+    def epoch(self, epoch: int) -> Iterator[np.ndarray]:
+        order = np.random.default_rng([self.seed, epoch, 7]).permutation(self.anchors)
+        for b in range(len(self)):
+            yield order[b * self.per_step : (b + 1) * self.per_step]
+
+    def pairs(self, anchors: np.ndarray) -> StepPairs:
+        k = self.neighbours.shape[1]
+        second = self.neighbours[anchors]
+        first = np.repeat(anchors, k)
+        return StepPairs(
+            first=first,
+            second=second.reshape(-1),
+            is_negative=(self.labels[first] != self.labels[second.reshape(-1)]),
+            groups=(len(anchors), k),
+            prior=self.relative[anchors],
+        )
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -192,11 +274,36 @@ def train_stir(
     torch.manual_seed(config.seed)  # the head's initial weights
     net = StirNet.from_embedder(
         _copy(embedder_net),
-        StirConfig(spec=embedder_net.spec, positional=config.positional, dropout=config.dropout),
+        StirConfig(
+            spec=embedder_net.spec,
+            positional=config.positional,
+            dropout=config.dropout,
+            joint_blocks=(
+                None
+                if config.joint_blocks is None  # a shallower backbone: all of its blocks
+                else min(
+                    config.joint_blocks, len(cast(nn.Sequential, embedder_net.backbone.blocks))
+                )
+            ),
+        ),
     ).to(device)
     net.train()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    sampler = BalancedBatchSampler(data.labels, config.n_labels, config.n_instances, config.seed)
+    groups: NeighbourGroups | None = None
+    sampler: BalancedBatchSampler | NeighbourGroups
+    if config.pairs == "neighbours":
+        groups = NeighbourGroups(
+            embeddings, data.labels, config.group_size, config.anchors_per_step, config.seed
+        )
+        sampler = groups
+        log(
+            f"stir: {len(groups.anchors)} of {len(data.labels)} training images have a match "
+            f"and a non-match among their {config.group_size} nearest neighbours"
+        )
+    else:
+        sampler = BalancedBatchSampler(
+            data.labels, config.n_labels, config.n_instances, config.seed
+        )
     per_epoch = len(sampler)
     planned = config.steps or config.epochs * per_epoch
     negatives = np.zeros((0, 2), np.int64) if hard_negatives is None else hard_negatives
@@ -210,12 +317,15 @@ def train_stir(
     def optimizer_for(phase: Phase) -> torch.optim.Optimizer:
         if phase == "head":
             return torch.optim.Adam(head_parameters(net), lr=config.lr_head)
-        return torch.optim.Adam(net.parameters(), lr=config.full_rate(embedder_net.spec))
+        return torch.optim.AdamW(
+            net.parameters(), lr=config.full_rate(embedder_net.spec), weight_decay=0.01
+        )
 
     step, epoch, skip = 0, 0, 0
     history: list[dict[str, Any]] = []
     best: dict[str, torch.Tensor] | None = None
     best_metric, best_epoch, val_seconds = -1.0, 0, 0.0
+    best_fusion = 0.0  # the fusion weight the validation calibrated for the best weights
     phase: Phase = "head" if head_steps() > 0 else "full"
     resumed = None
     if state_path is not None and state_path.is_file():
@@ -230,10 +340,12 @@ def train_stir(
         planned, history = progress_state["planned"], progress_state["history"]
         best_metric, best_epoch = progress_state["best_metric"], progress_state["best_epoch"]
         val_seconds = progress_state["val_seconds"]
+        best_fusion = float(progress_state.get("best_fusion", 0.0))
         log(f"stir: resumed at step {step}/{planned} ({phase} phase)")
     elif validate is not None:
         metrics, val_seconds = run_validation(net, validate)
         best_metric, best = metrics[config.select_metric], snapshot(net)
+        best_fusion = metrics.get("fusion_weight", 0.0)
         history.append({"epoch": 0, "step": 0, **metrics, "val_seconds": val_seconds})
         log(f"stir: start weights {config.select_metric} {best_metric:.4f}")
     frozen_at_start = _frozen_copy(net) if phase == "head" else []
@@ -253,6 +365,7 @@ def train_stir(
                     "phase": phase,
                     "history": history,
                     "best_metric": best_metric,
+                    "best_fusion": best_fusion,
                     "best_epoch": best_epoch,
                     "val_seconds": val_seconds,
                 },
@@ -285,15 +398,25 @@ def train_stir(
                     end_head_phase()
                 tick = time.monotonic()
                 rng = np.random.default_rng([config.seed, step])
-                ramp = config.curriculum_fraction * planned
-                if ramp <= 0:
-                    hard = 1.0  # no curriculum
-                else:  # random pairs while the plan may still change, then the ramp
-                    hard = 0.0 if step < CALIBRATION_STEPS else min(1.0, step / ramp)
-                first, second, target = mine_pairs(
-                    embeddings[batch], data.labels[batch], rng, hard_fraction=hard
-                )
-                first, second = batch[first], batch[second]
+                if phase == "full":  # warm-up, then cosine decay over the rest of the plan
+                    factor = lr_factor(
+                        step - head_steps(), warmup=10, total=max(1, planned - head_steps())
+                    )
+                    for group in optimizer.param_groups:
+                        group["lr"] = config.full_rate(embedder_net.spec) * factor
+                if groups is not None:
+                    pairs = groups.pairs(batch)
+                else:
+                    ramp = config.curriculum_fraction * planned
+                    if ramp <= 0:
+                        hard = 1.0  # no curriculum
+                    else:  # random pairs while the plan may still change, then the ramp
+                        hard = 0.0 if step < CALIBRATION_STEPS else min(1.0, step / ramp)
+                    first, second, target = mine_pairs(
+                        embeddings[batch], data.labels[batch], rng, hard_fraction=hard
+                    )
+                    pairs = StepPairs(batch[first], batch[second], target)
+                first, second, target = pairs.first, pairs.second, pairs.is_negative
                 if len(negatives) and config.hard_negatives_per_batch:
                     count = min(config.hard_negatives_per_batch, len(negatives))
                     rows = negatives[rng.choice(len(negatives), size=count, replace=False)]
@@ -311,6 +434,14 @@ def train_stir(
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits = net(views[: len(first)], views[len(first) :])
                 loss = stir_loss(logits, is_negative)
+                if config.listwise and pairs.groups is not None and pairs.prior is not None:
+                    g, k = pairs.groups
+                    prior = torch.as_tensor(pairs.prior, dtype=torch.float32, device=device)
+                    loss = loss + group_listwise_loss(
+                        logits[: g * k].view(g, k),
+                        is_negative[: g * k].view(g, k),
+                        config.residual_weight * prior,
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -349,6 +480,7 @@ def train_stir(
                     if metrics[config.select_metric] > best_metric:
                         best_metric, best_epoch = metrics[config.select_metric], epoch + 1
                         best = snapshot(net)
+                        best_fusion = metrics.get("fusion_weight", 0.0)
                 history.append(entry)
                 log(epoch_line("stir", entry, config.select_metric))
             if stopped_at is None:
@@ -367,6 +499,9 @@ def train_stir(
     set_frozen(net, False)
     if best is not None:
         net.load_state_dict(best)
+        # A validation that calibrates (returns "fusion_weight") decides how the reranker
+        # blends in the first stage; the weight travels in the STIR file's config.
+        net.config = replace(net.config, fusion_weight=float(best_fusion))
     else:
         best_metric, best_epoch = float("nan"), epoch
     net.eval()
