@@ -53,6 +53,7 @@ from searchsvc.models.embedder import profile_spec  # noqa: E402
 from searchsvc.training_data import load_size_for  # noqa: E402
 from trainer.augment import resize_pixels  # noqa: E402
 from trainer.data import TrainSet  # noqa: E402
+from trainer.embedder import EmbedderTrainConfig  # noqa: E402
 
 SPLIT_IDS = {"train": 0, "test": 1}
 
@@ -163,13 +164,15 @@ def main() -> None:
         train_set=train_set,
         eval_set=eval_set,
         val_set=val_set,
-        train_minutes=args.train_minutes,
+        embedder_minutes=args.embedder_minutes,
+        stir_minutes=args.stir_minutes,
         seed=args.seed,
         precision=args.precision,
         chunk=args.chunk,
         gallery_is_train=False,
         timings=timings,
         progress=not args.no_progress,
+        embedder_config=EmbedderTrainConfig(seed=args.seed, precision=args.precision),
     )
     timings["total_s"] = time.monotonic() - started
     counts.update(
@@ -185,13 +188,16 @@ def main() -> None:
         "protocol": "SOP: every test photo queries the others, itself excluded",
         "train_products_from": "train split",
         "test_products_from": "test split",
-        "train_minutes_per_model": args.train_minutes,
+        "embedder_minutes": args.embedder_minutes,
+        "stir_minutes": args.stir_minutes,
         "seed": args.seed,
         "precision": args.precision,
         "profile": PROFILE,
         "input_size": size,
         "load_size": load,
-        "model_selection": "validation CMC@1 per epoch" if val_set else "none (last weights)",
+        "model_selection": "validation CMC@1 per epoch (STIR: with its fusion weight calibrated)"
+        if val_set
+        else "none (last weights)",
         "top_ns": list(TOP_NS),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
