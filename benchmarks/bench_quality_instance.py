@@ -12,13 +12,15 @@ others, itself excluded from its results and its ground truth; relevance = same 
 The comparison (raw pixels, the embedder, embedder + STIR at top_n 5 and 10, the perfect
 reranker of the top 5 / 10) and its machinery are those of ``bench_quality_class.py``:
 training through :func:`trainer.embedder.train_embedder` and
-:func:`trainer.stir.train_stir` (default configs, ``--train-minutes`` per model), ranking,
-reranking and metrics through :mod:`searchsvc.evaluation` and :mod:`searchsvc.metrics`.
+:func:`trainer.stir.train_stir` (default configs, ``--embedder-minutes`` and
+``--stir-minutes``), ranking, reranking and metrics through :mod:`searchsvc.evaluation`
+and :mod:`searchsvc.metrics`; STIR's fusion weight is calibrated on the validation
+products, and the report carries the gate's verdict there.
 
 Usage::
 
-    python benchmarks/bench_quality_instance.py [--train-minutes 20]
-        [--train-products 20000] [--test-products 5000] [--photos 5] [--val-products 1000]
+    python benchmarks/bench_quality_instance.py [--embedder-minutes 10] [--stir-minutes 10]
+        [--train-products 20000] [--test-products 2000] [--photos 5] [--val-products 500]
         [--seed 0] [--out benchmarks/results/quality_instance]
 """
 
@@ -90,19 +92,19 @@ def photos_of(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common_arguments(parser)
+    common_arguments(parser, embedder_minutes=10.0, stir_minutes=10.0)
     parser.add_argument(
         "--train-products",
         type=int,
         default=20_000,
         help="articles of the train split (validation products included)",
     )
-    parser.add_argument("--test-products", type=int, default=5_000, help="test-split articles")
+    parser.add_argument("--test-products", type=int, default=2_000, help="test-split articles")
     parser.add_argument("--photos", type=int, default=5, help="photos per product")
     parser.add_argument(
         "--val-products",
         type=int,
-        default=1_000,
+        default=500,
         help="training products held out of training for model selection (0: none)",
     )
     args = parser.parse_args()
