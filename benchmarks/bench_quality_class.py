@@ -59,7 +59,6 @@ from searchsvc.evaluation import (  # noqa: E402
     EvalSet,
     FirstStageResult,
     first_stage,
-    relevant_counts,
     rerank_order,
     score,
 )
@@ -226,14 +225,8 @@ def rank_chunked(
         )
         ranked_parts.append(ranked)
         dist_parts.append(dist)
-    ranked = np.concatenate(ranked_parts)
-    distances = np.concatenate(dist_parts)
-    query_labels = [q.label for q in eval_set.queries]
-    gallery_labels = np.array([g.label for g in eval_set.gallery], dtype=object)
-    n_relevant = relevant_counts(query_labels, list(gallery_labels), eval_set.self_index)
-    base = score(gallery_labels[ranked], query_labels, n_relevant)
-    return FirstStageResult(
-        eval_set, ranked, distances, query_labels, gallery_labels, n_relevant, base
+    return FirstStageResult.from_ranking(
+        eval_set, np.concatenate(ranked_parts), np.concatenate(dist_parts)
     )
 
 

@@ -308,6 +308,17 @@ class FirstStageResult:
     n_relevant: IntArray
     base: MetricRow
 
+    @classmethod
+    def from_ranking(
+        cls, eval_set: EvalSet, ranked: IntArray, distances: FloatArray
+    ) -> FirstStageResult:
+        """The result of a ranking of ``eval_set`` (:func:`first_stage`'s output), scored."""
+        query_labels = [q.label for q in eval_set.queries]
+        gallery_labels = np.array([g.label for g in eval_set.gallery], dtype=object)
+        n_relevant = relevant_counts(query_labels, list(gallery_labels), eval_set.self_index)
+        base = score(gallery_labels[ranked], query_labels, n_relevant)
+        return cls(eval_set, ranked, distances, query_labels, gallery_labels, n_relevant, base)
+
     def reranked(
         self,
         score_pairs: PairScorer,
@@ -386,13 +397,7 @@ def rank_eval_set(
     gallery_vec = embedder.embed(gallery_px, batch_size=batch_size)
     query_vec = embedder.embed(query_px, batch_size=batch_size)
     ranked, distances = first_stage(query_vec, gallery_vec, depth, self_index=eval_set.self_index)
-    query_labels = [q.label for q in eval_set.queries]
-    gallery_labels = np.array([g.label for g in eval_set.gallery], dtype=object)
-    n_relevant = relevant_counts(query_labels, list(gallery_labels), eval_set.self_index)
-    base = score(gallery_labels[ranked], query_labels, n_relevant)
-    return FirstStageResult(
-        eval_set, ranked, distances, query_labels, gallery_labels, n_relevant, base
-    )
+    return FirstStageResult.from_ranking(eval_set, ranked, distances)
 
 
 def evaluate(

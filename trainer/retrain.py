@@ -511,10 +511,7 @@ def _embedder_stage(
         state.save()
 
     if "version_id" in stage:
-        outcome.candidate_version = stage["version_id"]
-        outcome.decision = GateDecision(**stage["decision"])
-        outcome.candidate = EvalReport(**stage["candidate"])
-        outcome.baseline = EvalReport(**stage["baseline"])
+        _restore_decision(outcome, stage)
     else:
         candidate = evaluate(
             val_set,
@@ -661,10 +658,7 @@ def _stir_stage(
         state.save()
 
     if "version_id" in stage:
-        outcome.candidate_version = stage["version_id"]
-        outcome.decision = GateDecision(**stage["decision"])
-        outcome.candidate = EvalReport(**stage["candidate"])
-        outcome.baseline = EvalReport(**stage["baseline"])
+        _restore_decision(outcome, stage)
     else:
         base_rows = {"embedder": first_stage.base.metrics}
         candidate_rows = {
@@ -750,6 +744,14 @@ def _remove_checkpoint(path: Path) -> None:
     """A finished stage's training state is no longer needed (the candidate file is)."""
     path.unlink(missing_ok=True)
     config_path_for(path).unlink(missing_ok=True)
+
+
+def _restore_decision(outcome: StageOutcome, stage: dict[str, Any]) -> None:
+    """The gate's decision a resumed run already recorded (see :func:`_record_decision`)."""
+    outcome.candidate_version = stage["version_id"]
+    outcome.decision = GateDecision(**stage["decision"])
+    outcome.candidate = EvalReport(**stage["candidate"])
+    outcome.baseline = EvalReport(**stage["baseline"])
 
 
 def _record_decision(

@@ -325,7 +325,6 @@ def train_stir(
     history: list[dict[str, Any]] = []
     best: dict[str, torch.Tensor] | None = None
     best_metric, best_epoch, val_seconds = -1.0, 0, 0.0
-    best_fusion = 0.0  # the fusion weight the validation calibrated for the best weights
     phase: Phase = "head" if head_steps() > 0 else "full"
     resumed = None
     if state_path is not None and state_path.is_file():
@@ -340,12 +339,10 @@ def train_stir(
         planned, history = progress_state["planned"], progress_state["history"]
         best_metric, best_epoch = progress_state["best_metric"], progress_state["best_epoch"]
         val_seconds = progress_state["val_seconds"]
-        best_fusion = float(progress_state.get("best_fusion", 0.0))
         log(f"stir: resumed at step {step}/{planned} ({phase} phase)")
     elif validate is not None:
         metrics, val_seconds = run_validation(net, validate)
         best_metric, best = metrics[config.select_metric], snapshot(net)
-        best_fusion = metrics.get("fusion_weight", 0.0)
         history.append({"epoch": 0, "step": 0, **metrics, "val_seconds": val_seconds})
         log(f"stir: start weights {config.select_metric} {best_metric:.4f}")
     frozen_at_start = _frozen_copy(net) if phase == "head" else []
@@ -365,7 +362,6 @@ def train_stir(
                     "phase": phase,
                     "history": history,
                     "best_metric": best_metric,
-                    "best_fusion": best_fusion,
                     "best_epoch": best_epoch,
                     "val_seconds": val_seconds,
                 },
@@ -480,7 +476,6 @@ def train_stir(
                     if metrics[config.select_metric] > best_metric:
                         best_metric, best_epoch = metrics[config.select_metric], epoch + 1
                         best = snapshot(net)
-                        best_fusion = metrics.get("fusion_weight", 0.0)
                 history.append(entry)
                 log(epoch_line("stir", entry, config.select_metric))
             if stopped_at is None:
@@ -500,8 +495,9 @@ def train_stir(
     if best is not None:
         net.load_state_dict(best)
         # A validation that calibrates (returns "fusion_weight") decides how the reranker
-        # blends in the first stage; the weight travels in the STIR file's config.
-        net.config = replace(net.config, fusion_weight=float(best_fusion))
+        # blends in the first stage; the best epoch's weight travels in the STIR file.
+        chosen = next(e for e in history if e["epoch"] == best_epoch)
+        net.config = replace(net.config, fusion_weight=float(chosen.get("fusion_weight", 0.0)))
     else:
         best_metric, best_epoch = float("nan"), epoch
     net.eval()
