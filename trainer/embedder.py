@@ -30,7 +30,13 @@ from tqdm import tqdm
 
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.profiles import EmbedderSpec
-from searchsvc.models.runtime import Precision, autocast_dtype, pixels_to_tensor, select_device
+from searchsvc.models.runtime import (
+    Precision,
+    matmul_attention,
+    pixels_to_tensor,
+    select_device,
+    training_autocast_dtype,
+)
 from trainer.augment import random_resized_crop
 from trainer.data import TrainSet
 from trainer.loop import (
@@ -117,7 +123,7 @@ def train_embedder(
     assert config.lr is not None and config.crop_scale is not None
     budget = budget or Budget()
     device = select_device(config.device)
-    dtype = autocast_dtype(device, config.precision)
+    dtype = training_autocast_dtype(device, config.precision)
     net.to(device).train()
     sampler = BalancedBatchSampler(data.labels, config.n_labels, config.n_instances, config.seed)
     per_epoch = len(sampler)
@@ -187,7 +193,10 @@ def train_embedder(
                     images, size, scale=config.crop_scale, generator=generator
                 )
                 labels = torch.as_tensor(data.labels[batch], device=device)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                with (
+                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+                    matmul_attention(net, device, dtype),
+                ):
                     embeddings = net(views)
                 stats = triplet_loss(embeddings, labels, margin=config.margin, mining=mining)
                 optimizer.zero_grad(set_to_none=True)

@@ -35,7 +35,13 @@ from tqdm import tqdm
 
 from searchsvc.models.embedder import Embedder, EmbeddingNet
 from searchsvc.models.profiles import EmbedderSpec
-from searchsvc.models.runtime import Precision, autocast_dtype, pixels_to_tensor, select_device
+from searchsvc.models.runtime import (
+    Precision,
+    matmul_attention,
+    pixels_to_tensor,
+    select_device,
+    training_autocast_dtype,
+)
 from searchsvc.models.stir import Positional, StirConfig, StirNet
 from trainer.augment import random_resized_crop
 from trainer.data import TrainSet
@@ -266,7 +272,7 @@ def train_stir(
     started = time.monotonic()
     budget = budget or Budget()
     device = select_device(config.device)
-    dtype = autocast_dtype(device, config.precision)
+    dtype = training_autocast_dtype(device, config.precision)
     if embeddings is None:
         embeddings = frozen_embeddings(
             embedder_net, data, device=config.device, precision=config.precision
@@ -427,7 +433,10 @@ def train_stir(
                     images, size, scale=config.crop_scale, generator=generator
                 )
                 is_negative = torch.as_tensor(target, dtype=torch.float32, device=device)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                with (
+                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+                    matmul_attention(net, device, dtype),
+                ):
                     logits = net(views[: len(first)], views[len(first) :])
                 loss = stir_loss(logits, is_negative)
                 if config.listwise and pairs.groups is not None and pairs.prior is not None:

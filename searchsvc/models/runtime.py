@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from searchsvc.errors import ConfigError
 
@@ -38,6 +41,60 @@ def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | 
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
+
+
+def training_autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+    """The autocast dtype of a training step: :func:`autocast_dtype`, except that ``auto``
+    on a CPU with AMX tiles trains in bf16.
+
+    Measured on a 2-core Xeon with AMX (small profile, batch 80, one thread, matmul
+    attention): 211 ms per step in bf16 against 418 ms in fp32. On a CPU without AMX
+    (AVX512-BF16 only) bf16 saved about 16%, so ``auto`` stays fp32 there. Serving keeps
+    :func:`autocast_dtype` (exact fp32 on every CPU).
+    """
+    if precision == "auto" and device.type == "cpu" and cpu_has_amx_bf16():
+        return torch.bfloat16
+    return autocast_dtype(device, precision)
+
+
+@functools.cache
+def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU advertises AMX bf16 tiles (Linux; False where it cannot tell)."""
+    try:
+        with cpuinfo.open(encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+@contextlib.contextmanager
+def matmul_attention(
+    net: nn.Module, device: torch.device, dtype: torch.dtype | None
+) -> Iterator[int]:
+    """For bf16 training on a CPU: timm's attention layers use explicit matmuls instead of
+    the fused kernel while the block runs (yields how many layers were switched; each gets
+    its own setting back on exit).
+
+    The CPU's fused (flash) attention backward in bf16 took 55% of a small-profile training
+    step (40 ms per call, profiled); with matmuls the step ran in half the time. fp32, CUDA
+    and inference keep the fused kernel (as fast or faster there).
+    """
+    layers = [
+        module for module in net.modules() if isinstance(getattr(module, "fused_attn", None), bool)
+    ]
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        layers = []
+    before = [bool(module.fused_attn) for module in layers]
+    for module in layers:
+        setattr(module, "fused_attn", False)  # noqa: B010 - a timm attribute, not a Module
+    try:
+        yield len(layers)
+    finally:
+        for module, fused in zip(layers, before, strict=True):
+            setattr(module, "fused_attn", fused)  # noqa: B010
 
 
 @contextlib.contextmanager

@@ -1,0 +1,77 @@
+"""Where and in what precision the models run: the training precision rule and the
+attention switch that makes bf16 training fast on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from searchsvc.models import runtime
+from searchsvc.models.embedder import new_embedding_net, profile_spec
+from searchsvc.models.runtime import (
+    autocast_dtype,
+    cpu_has_amx_bf16,
+    matmul_attention,
+    training_autocast_dtype,
+)
+
+CPU = torch.device("cpu")
+
+
+def _cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\n")
+    return path
+
+
+def test_amx_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    assert cpu_has_amx_bf16(_cpuinfo(tmp_path, "fpu sse2 avx512f amx_bf16 amx_tile"))
+    other = tmp_path / "other"
+    other.mkdir()
+    assert not cpu_has_amx_bf16(_cpuinfo(other, "fpu sse2 avx512f avx512_bf16"))
+    assert not cpu_has_amx_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_training_auto_is_bf16_only_on_an_amx_cpu(
+    amx: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: amx)
+    assert training_autocast_dtype(CPU, "auto") == (torch.bfloat16 if amx else None)
+    # Explicit choices are kept, and serving stays exact fp32 on any CPU.
+    assert training_autocast_dtype(CPU, "fp32") is None
+    assert training_autocast_dtype(CPU, "bf16") == torch.bfloat16
+    assert autocast_dtype(CPU, "auto") is None
+
+
+def _fused_flags(net: torch.nn.Module) -> list[bool]:
+    return [m.fused_attn for m in net.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+
+
+def test_matmul_attention_switches_only_bf16_cpu_training_and_restores() -> None:
+    net = new_embedding_net(profile_spec("small"), seed=0)
+    for module in net.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    depth = len(_fused_flags(net))
+    assert depth == 6
+    with matmul_attention(net, CPU, torch.bfloat16) as switched:
+        assert switched == depth
+        assert _fused_flags(net) == [False] * depth
+    assert _fused_flags(net) == [True] * depth
+    with matmul_attention(net, CPU, None) as switched:
+        assert switched == 0
+        assert _fused_flags(net) == [True] * depth
+
+
+def test_matmul_attention_computes_the_same_function() -> None:
+    net = new_embedding_net(profile_spec("small"), seed=0).eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = net(images)
+        with matmul_attention(net, CPU, torch.bfloat16):
+            explicit = net(images)
+    assert torch.allclose(fused, explicit, atol=3e-2)
+    assert not torch.equal(fused, torch.zeros_like(fused))
