@@ -165,4 +165,5 @@ class App:
             self._dispatcher.close()
         if self._index is not None:
             self._index.close()
+        self.pixels.close()
         self.db.dispose()

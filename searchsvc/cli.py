@@ -323,11 +323,13 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
         from searchsvc.pixels import PixelStore
 
         database = Database(settings.sqlalchemy_url)
+        pixel_store = PixelStore(settings.media_dir)
         try:
             report, split = evaluation.evaluate_served_on_split(
-                settings, database, PixelStore(settings.media_dir), side=side
+                settings, database, pixel_store, side=side
             )
         finally:
+            pixel_store.close()
             database.dispose()
         record = {"source": f"catalog split ({side})", "split": split}
     if as_json:

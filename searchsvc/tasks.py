@@ -142,12 +142,16 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
         except ImageError as exc:
             results[item.image_id] = EmbedResult(item.image_id, error=exc.reason)
             continue
-        ctx.pixels.put(item.content_hash, pixels)
         ok_items.append(item)
         pixel_rows.append(pixels)
         results[item.image_id] = EmbedResult(item.image_id, width=width, height=height)
 
     if ok_items:
+        # One transaction for the batch, before any point exists: a candidate the reranker
+        # finds in the index always has its pixels.
+        ctx.pixels.put_many(
+            (item.content_hash, pixels) for item, pixels in zip(ok_items, pixel_rows, strict=True)
+        )
         vectors = embedder.embed(np.stack(pixel_rows), batch_size=settings.batch_size)
         if request.write_index:
             ctx.index.upsert(

@@ -1,13 +1,14 @@
-"""The content-addressed pixel store: exact round trip, idempotent and atomic writes."""
+"""The content-addressed pixel store: exact round trip, idempotent and atomic batch writes,
+several writing processes, and the first (file per image) layout still readable."""
 
 from __future__ import annotations
 
-import os
+import multiprocessing
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from searchsvc.errors import ImageError
 from searchsvc.images import content_hash
@@ -21,21 +22,26 @@ def pixels(size: int = 16, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def all_files(root: Path) -> list[Path]:
-    return sorted(path for path in root.rglob("*") if path.is_file())
+def stored_rows(store: PixelStore) -> list[tuple[str, int, int]]:
+    with sqlite3.connect(store.path) as connection:
+        return sorted(
+            connection.execute("SELECT content_hash, size, length(data) FROM pixels").fetchall()
+        )
 
 
 def test_round_trip_is_exact(tmp_path: Path):
     store = PixelStore(tmp_path)
     original = pixels(24)
-    path = store.put(HASH, original)
-    assert path == store.path_for(HASH, 24)
-    assert path == tmp_path / "pixels" / "24" / HASH[:2] / f"{HASH}.rgb"
+    assert not store.has(HASH, 24)
+    store.put(HASH, original)
     assert store.has(HASH, 24)
-    restored = store.get(HASH, 24)
+    restored = PixelStore(tmp_path).get(HASH, 24)  # another instance: from the file
     assert restored.dtype == np.uint8
     assert restored.shape == (24, 24, 3)
     np.testing.assert_array_equal(restored, original)
+    # One database file for every image, not a file per image.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file())[0] == "pixels.sqlite3"
+    assert not (tmp_path / "pixels").exists()
 
 
 def test_sizes_are_kept_apart(tmp_path: Path):
@@ -47,59 +53,73 @@ def test_sizes_are_kept_apart(tmp_path: Path):
     assert not store.has(HASH, 32)
 
 
-def test_put_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_put_is_idempotent(tmp_path: Path):
     store = PixelStore(tmp_path)
-    first = store.put(HASH, pixels(16))
-    before = first.read_bytes()
-
-    def no_encode(*args: object, **kwargs: object) -> None:
-        raise AssertionError("an image already stored was encoded again")
-
-    monkeypatch.setattr(Image.Image, "save", no_encode)
-    second = store.put(HASH, pixels(16, seed=9))  # same key: content-addressed, kept as is
-    assert second == first
-    assert first.read_bytes() == before
-    assert all_files(tmp_path) == [first]
+    store.put(HASH, pixels(16))
+    store.put(HASH, pixels(16, seed=9))  # same key: content-addressed, kept as is
+    store.put_many([(HASH, pixels(16, seed=3)), (HASH, pixels(16, seed=4))])
+    assert stored_rows(store) == [(HASH, 16, 16 * 16 * 3)]
+    np.testing.assert_array_equal(PixelStore(tmp_path).get(HASH, 16), pixels(16))
 
 
-def test_put_leaves_no_temporary_files(tmp_path: Path):
+def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path):
     store = PixelStore(tmp_path)
-    for seed in range(3):
-        store.put(content_hash(bytes([seed])), pixels(8, seed))
-    files = all_files(tmp_path)
-    assert len(files) == 3
-    assert all(path.suffix == ".rgb" and not path.name.startswith(".") for path in files)
+    good = [(content_hash(bytes([n])), pixels(8, n)) for n in range(3)]
+    with pytest.raises(ValueError, match="uint8"):
+        store.put_many([*good, ("bad", pixels(8).astype(np.float32))])
+    assert not any(store.has(digest, 8) for digest, _ in good)
+    store.put_many(good)
+    assert [row[0] for row in stored_rows(store)] == sorted(digest for digest, _ in good)
 
 
-def test_failed_write_leaves_neither_target_nor_temporary_file(
+def test_a_failed_transaction_leaves_nothing_and_the_store_usable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     store = PixelStore(tmp_path)
+    store.put("before", pixels(8))
+    connection = store._connection()  # this thread's connection
 
-    def crash(src: str, dst: str) -> None:
-        raise OSError("disk full")
+    class Failing:
+        def __getattr__(self, name: str) -> object:
+            return getattr(connection, name)
 
-    monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        store.put(HASH, pixels(8))
-    assert not store.has(HASH, 8)
-    assert all_files(tmp_path) == []
+        def executemany(self, *args: object) -> None:
+            connection.execute(
+                "INSERT INTO pixels VALUES (?, ?, ?)", ("half", 8, pixels(8).tobytes())
+            )
+            raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_connection", lambda: Failing())
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        store.put("after", pixels(8, 1))
+    monkeypatch.undo()
+    assert [row[0] for row in stored_rows(store)] == ["before"]  # the half write rolled back
+    store.put("after", pixels(8, 1))
+    np.testing.assert_array_equal(store.get("after", 8), pixels(8, 1))
 
 
-def test_file_appears_only_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Until the rename, the target path does not exist: readers never see half a file."""
+def _write_many(root: str, worker: int, count: int) -> None:
+    store = PixelStore(Path(root))
+    for n in range(count):
+        store.put_many(
+            [(f"w{worker}-{n}-{k}", pixels(8, worker * 1000 + n * 10 + k)) for k in range(4)]
+        )
+    store.close()
+
+
+def test_several_processes_write_at_once(tmp_path: Path):
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_write_many, args=(str(tmp_path), w, 25)) for w in range(3)
+    ]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(timeout=120)
+        assert process.exitcode == 0
     store = PixelStore(tmp_path)
-    target = store.path_for(HASH, 8)
-    seen: list[tuple[bool, int]] = []
-    real_replace = os.replace
-
-    def watching_replace(src: str, dst: str) -> None:
-        seen.append((target.exists(), Path(src).stat().st_size))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", watching_replace)
-    store.put(HASH, pixels(8))
-    assert seen == [(False, target.stat().st_size)]
+    assert len(stored_rows(store)) == 3 * 25 * 4
+    np.testing.assert_array_equal(store.get("w2-24-3", 8), pixels(8, 2000 + 240 + 3))
 
 
 def test_get_missing_raises_image_error(tmp_path: Path):
@@ -110,22 +130,25 @@ def test_get_missing_raises_image_error(tmp_path: Path):
     assert HASH in str(info.value)
 
 
-def test_get_corrupt_file_raises_image_error(tmp_path: Path):
+def test_get_wrong_length_raises_image_error(tmp_path: Path):
     store = PixelStore(tmp_path)
-    path = store.path_for(HASH, 16)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not pixels at all")  # truncated or foreign content: wrong length
+    store.put(HASH, pixels(16))
+    with sqlite3.connect(store.path) as connection:  # a foreign or damaged row
+        connection.execute("UPDATE pixels SET data = ? WHERE content_hash = ?", (b"x" * 17, HASH))
     with pytest.raises(ImageError, match="17 bytes, expected 16x16x3"):
-        store.get(HASH, 16)
+        PixelStore(tmp_path).get(HASH, 16)
 
 
-def test_get_wrong_size_raises_image_error(tmp_path: Path):
+def test_pixels_of_the_first_file_layout_are_still_read(tmp_path: Path):
+    legacy = tmp_path / "pixels" / "16" / HASH[:2] / f"{HASH}.rgb"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(pixels(16, 5).tobytes())
     store = PixelStore(tmp_path)
-    path = store.path_for(HASH, 16)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(pixels(8).tobytes())  # an 8x8 image where 16x16 belongs
+    assert store.has(HASH, 16)
+    np.testing.assert_array_equal(store.get(HASH, 16), pixels(16, 5))
+    legacy.write_bytes(pixels(8).tobytes())  # an 8x8 image where 16x16 belongs
     with pytest.raises(ImageError, match="expected 16x16x3"):
-        store.get(HASH, 16)
+        PixelStore(tmp_path).get(HASH, 16)
 
 
 def test_put_refuses_pixels_that_are_not_square_uint8_rgb(tmp_path: Path):
@@ -134,6 +157,8 @@ def test_put_refuses_pixels_that_are_not_square_uint8_rgb(tmp_path: Path):
         store.put(HASH, pixels(8).astype(np.float32))
     with pytest.raises(ValueError, match=r"\(S, S, 3\)"):
         store.put(HASH, np.zeros((8, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\(S, S, 3\)"):
+        store.put(HASH, np.zeros((8, 8), np.uint8))
 
 
 def test_recent_pixels_are_served_from_memory_within_the_byte_budget(tmp_path: Path) -> None:
@@ -143,12 +168,12 @@ def test_recent_pixels_are_served_from_memory_within_the_byte_budget(tmp_path: P
     arrays = {
         f"{n:02d}" + "a" * 62: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for n in range(3)
     }
-    for digest, pixels in arrays.items():
-        store.put(digest, pixels)
+    store.put_many(arrays.items())
     first, second, third = arrays
     assert np.array_equal(store.get(first, 8), arrays[first])
-    store.path_for(first, 8).unlink()  # served from memory now
-    assert np.array_equal(store.get(first, 8), arrays[first])
+    with sqlite3.connect(store.path) as connection:
+        connection.execute("DELETE FROM pixels WHERE content_hash = ?", (first,))
+    assert np.array_equal(store.get(first, 8), arrays[first])  # served from memory now
     store.get(second, 8)
     store.get(third, 8)  # over budget: the least recently used (first) leaves
     with pytest.raises(ImageError):
