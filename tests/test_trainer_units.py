@@ -17,7 +17,14 @@ from trainer import stir as stir_module
 from trainer.augment import random_resized_crop, resize_pixels
 from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
-from trainer.loop import Budget, fine_tuning, lr_factor, plan_steps
+from trainer.loop import (
+    CALIBRATION_STEPS,
+    Budget,
+    fine_tuning,
+    lr_factor,
+    plan_steps,
+    replan_after_calibration,
+)
 from trainer.losses import group_listwise_loss, triplet_loss
 from trainer.miners import (
     all_triplets,
@@ -275,6 +282,42 @@ def test_stir_backbone_is_frozen_in_the_head_phase_and_trains_after() -> None:
     assert all(
         torch.equal(v, _embedder().state_dict()[k]) for k, v in embedder.state_dict().items()
     )
+
+
+def test_timing_a_full_stir_step_changes_nothing() -> None:
+    net = StirNet.from_embedder(_embedder(), StirConfig(spec=SPEC, positional="split")).train()
+    stir_module.set_frozen(net, True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    views = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    seconds = stir_module._time_full_step(
+        net, views, 3, torch.tensor([0.0, 1.0, 1.0]), torch.device("cpu"), None
+    )
+    assert seconds > 0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())
+    assert not any(p.requires_grad for p in stir_module.frozen_parameters(net))  # frozen again
+    assert not net.backbone.training
+
+
+def test_a_budget_is_planned_with_the_cost_of_the_steps_to_come() -> None:
+    """STIR's timed steps train the head alone; when the full steps cost 3x as much, the
+    plan holds about a third as many steps."""
+    common = dict(
+        planned=10_000,
+        done=CALIBRATION_STEPS,
+        validation_seconds=0.0,
+        steps_per_epoch=100,
+        bar=type("Bar", (), {"total": 0, "refresh": lambda self: None})(),
+        log=lambda _: None,
+        name="stir",
+    )
+    times = [0.5] + [0.01] * (CALIBRATION_STEPS - 1)
+    cheap = replan_after_calibration(times, budget=Budget.of_seconds(30.0), **common)
+    dear = replan_after_calibration(
+        times, budget=Budget.of_seconds(30.0), later_steps_cost=3.0, **common
+    )
+    assert 2_900 <= cheap <= 3_004
+    assert dear == pytest.approx(cheap / 3, rel=0.02)
 
 
 def test_a_freeze_that_does_not_hold_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,15 +85,20 @@ def replan_after_calibration(
     bar: Any,
     log: Log,
     name: str,
+    later_steps_cost: float = 1.0,
 ) -> int:
     """Once ``CALIBRATION_STEPS`` steps are timed under a budget, fix the step count the
-    budget affords (see :func:`plan_steps`) and show it; otherwise keep ``planned``."""
+    budget affords (see :func:`plan_steps`) and show it; otherwise keep ``planned``.
+
+    ``later_steps_cost``: the average step of the whole plan over a timed one (STIR's timed
+    steps train the head alone; the full steps that follow cost more)."""
     if len(step_times) != CALIBRATION_STEPS or budget.deadline is None:
         return planned
+    timed = float(sum(step_times[1:]) / (len(step_times) - 1))
     planned = plan_steps(
         planned,
         done,
-        seconds_per_step=float(sum(step_times[1:]) / (len(step_times) - 1)),
+        seconds_per_step=timed * later_steps_cost,
         validation_seconds=validation_seconds,
         steps_per_epoch=steps_per_epoch,
         budget=budget,
