@@ -109,9 +109,7 @@ def _write_many(root: str, worker: int, count: int) -> None:
 
 def test_several_processes_write_at_once(tmp_path: Path):
     context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_write_many, args=(str(tmp_path), w, 25)) for w in range(3)
-    ]
+    workers = [context.Process(target=_write_many, args=(str(tmp_path), w, 25)) for w in range(3)]
     for process in workers:
         process.start()
     for process in workers:
