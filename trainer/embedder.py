@@ -32,10 +32,10 @@ from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.runtime import (
     Precision,
-    matmul_attention,
     pixels_to_tensor,
     select_device,
     training_autocast_dtype,
+    training_forward,
 )
 from trainer.augment import random_resized_crop
 from trainer.data import TrainSet
@@ -193,10 +193,7 @@ def train_embedder(
                     images, size, scale=config.crop_scale, generator=generator
                 )
                 labels = torch.as_tensor(data.labels[batch], device=device)
-                with (
-                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-                    matmul_attention(net, device, dtype),
-                ):
+                with training_forward(net, device, dtype):
                     embeddings = net(views)
                 stats = triplet_loss(embeddings, labels, margin=config.margin, mining=mining)
                 optimizer.zero_grad(set_to_none=True)

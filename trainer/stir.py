@@ -37,10 +37,10 @@ from searchsvc.models.embedder import Embedder, EmbeddingNet
 from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.runtime import (
     Precision,
-    matmul_attention,
     pixels_to_tensor,
     select_device,
     training_autocast_dtype,
+    training_forward,
 )
 from searchsvc.models.stir import Positional, StirConfig, StirNet
 from trainer.augment import random_resized_crop
@@ -433,10 +433,7 @@ def train_stir(
                     images, size, scale=config.crop_scale, generator=generator
                 )
                 is_negative = torch.as_tensor(target, dtype=torch.float32, device=device)
-                with (
-                    torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-                    matmul_attention(net, device, dtype),
-                ):
+                with training_forward(net, device, dtype):
                     logits = net(views[: len(first)], views[len(first) :])
                 loss = stir_loss(logits, is_negative)
                 if config.listwise and pairs.groups is not None and pairs.prior is not None:
@@ -551,10 +548,7 @@ def _time_full_step(
     started = time.monotonic()
     set_frozen(net, False)
     try:
-        with (
-            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-            matmul_attention(net, device, dtype),
-        ):
+        with training_forward(net, device, dtype):
             logits = net(views[:n_pairs], views[n_pairs:])
         stir_loss(logits, is_negative).backward()
     finally:

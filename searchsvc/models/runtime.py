@@ -82,11 +82,11 @@ def matmul_attention(
     step (40 ms per call, profiled); with matmuls the step ran in half the time. fp32, CUDA
     and inference keep the fused kernel (as fast or faster there).
     """
-    layers = [
-        module for module in net.modules() if isinstance(getattr(module, "fused_attn", None), bool)
-    ]
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        layers = []
+    layers = (
+        [m for m in net.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+        if device.type == "cpu" and dtype == torch.bfloat16
+        else []
+    )
     before = [bool(module.fused_attn) for module in layers]
     for module in layers:
         setattr(module, "fused_attn", False)  # noqa: B010 - a timm attribute, not a Module
@@ -95,6 +95,19 @@ def matmul_attention(
     finally:
         for module, fused in zip(layers, before, strict=True):
             setattr(module, "fused_attn", fused)  # noqa: B010
+
+
+@contextlib.contextmanager
+def training_forward(
+    net: nn.Module, device: torch.device, dtype: torch.dtype | None
+) -> Iterator[None]:
+    """The context of a training forward pass: autocast to ``dtype`` (none for fp32) and,
+    for bf16 on a CPU, :func:`matmul_attention`."""
+    with (
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        matmul_attention(net, device, dtype),
+    ):
+        yield
 
 
 @contextlib.contextmanager
