@@ -58,7 +58,7 @@ class Settings:
     device: Device = "auto"
     precision: Precision = "auto"
     """Autocast dtype: ``auto`` = bf16/fp16 on CUDA, exact fp32 on the CPU (training also
-    bf16 on a CPU with AMX tiles: see ``models.runtime.training_autocast_dtype``)."""
+    bf16 on a CPU with AMX or AVX512-BF16: see ``models.runtime.training_autocast_dtype``)."""
     torch_threads: int = 0
     """CPU threads of one forward pass; 0 keeps torch's default (one per core). Set 1 where
     the CPU is shared: measured here, a one-image query embedded in 4 ms with 1 thread and in

@@ -12,7 +12,7 @@ from searchsvc.models import runtime
 from searchsvc.models.embedder import new_embedding_net, profile_spec
 from searchsvc.models.runtime import (
     autocast_dtype,
-    cpu_has_amx_bf16,
+    cpu_has_native_bf16,
     matmul_attention,
     training_autocast_dtype,
 )
@@ -26,20 +26,25 @@ def _cpuinfo(tmp_path: Path, flags: str) -> Path:
     return path
 
 
-def test_amx_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
-    assert cpu_has_amx_bf16(_cpuinfo(tmp_path, "fpu sse2 avx512f amx_bf16 amx_tile"))
-    other = tmp_path / "other"
-    other.mkdir()
-    assert not cpu_has_amx_bf16(_cpuinfo(other, "fpu sse2 avx512f avx512_bf16"))
-    assert not cpu_has_amx_bf16(tmp_path / "missing")
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    cases = {
+        "amx": ("fpu sse2 avx512f amx_bf16 amx_tile", True),
+        "avx512": ("fpu sse2 avx512f avx512_bf16", True),
+        "neither": ("fpu sse2 avx2 avx512f", False),
+    }
+    for name, (flags, expected) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        assert cpu_has_native_bf16(_cpuinfo(folder, flags)) is expected, name
+    assert not cpu_has_native_bf16(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_training_auto_is_bf16_only_on_an_amx_cpu(
-    amx: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_training_auto_is_bf16_only_on_a_cpu_with_native_bf16(
+    native_bf16: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: amx)
-    assert training_autocast_dtype(CPU, "auto") == (torch.bfloat16 if amx else None)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    assert training_autocast_dtype(CPU, "auto") == (torch.bfloat16 if native_bf16 else None)
     # Explicit choices are kept, and serving stays exact fp32 on any CPU.
     assert training_autocast_dtype(CPU, "fp32") is None
     assert training_autocast_dtype(CPU, "bf16") == torch.bfloat16
