@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -263,8 +264,9 @@ def make_validate_stir(first: FirstStageResult, precision: str, top_n: int) -> V
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         scorer = StirScorer(model, device="auto", precision=precision)  # type: ignore[arg-type]
-        weight, rows = first.calibrated(scorer.score_pairs, scorer.info.input_size, top_n)
-        return {**rows, "fusion_weight": weight}
+        return first.calibrated(
+            scorer.score_pairs, scorer.info.input_size, top_n
+        ).validation_metrics()
 
     return validate
 
@@ -365,25 +367,39 @@ def run_comparison(
         f"fusion weight {weight:g}"
     )
 
+    # Both pair orders of every test pair are scored once: the served rows use the order
+    # rule validation chose (one way, or the mean of both: StirConfig.symmetric), and the
+    # lever rows show the other rule beside it, each at its own calibrated weight.
     tick = time.monotonic()
+    symmetric = stir_net.config.symmetric
+    stir_net.config = replace(stir_net.config, symmetric=False)
     scorer = StirScorer(stir_net, device="auto", precision=precision)  # type: ignore[arg-type]
-    pair_distances = first.pair_distances(scorer.score_pairs, scorer.info.input_size, max(TOP_NS))
+    size, widest = scorer.info.input_size, max(TOP_NS)
+
+    def both_orders(result: FirstStageResult, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+        one_way = result.pair_distances(scorer.score_pairs, size, top_n)
+        reverse = result.pair_distances(lambda q, c: scorer.score_pairs(c, q), size, top_n)
+        return one_way, (one_way + reverse) / 2
+
+    test_one_way, test_symmetric = both_orders(first, widest)
+    stir_net.config = replace(stir_net.config, symmetric=symmetric)
     timings["eval_stir_s"] = time.monotonic() - tick
-    timings["stir_pairs_scored"] = float(len(first.ranked) * max(TOP_NS))
+    timings["stir_pairs_scored"] = float(2 * len(first.ranked) * widest)
+    served = test_symmetric if symmetric else test_one_way
     for top_n in TOP_NS:
-        rows[f"embedder + STIR@{top_n}"] = first.rerank_metrics(pair_distances, top_n, weight)
+        rows[f"embedder + STIR@{top_n}"] = first.rerank_metrics(served, top_n, weight)
     for top_n in TOP_NS:
-        rows[f"embedder + STIR@{top_n}, STIR alone"] = first.rerank_metrics(
-            pair_distances, top_n, 0.0
-        )
+        rows[f"embedder + STIR@{top_n}, STIR alone"] = first.rerank_metrics(served, top_n, 0.0)
     for key, value in perfect_rows(first, TOP_NS).items():
         rows[f"embedder, {key.replace('perfect', 'perfect reranker')}"] = value
 
     gate: dict[str, Any] = {"decision": "no validation set: no gate"}
+    order_rules: dict[str, Any] = {"served": "symmetric" if symmetric else "one way"}
     if val_first is not None:
-        val_stir = val_first.reranked(
-            scorer.score_pairs, scorer.info.input_size, [TOP_NS[0]], fusion_weight=weight
-        )[f"stir@{TOP_NS[0]}"]
+        val_one_way, val_symmetric = both_orders(val_first, TOP_NS[0])
+        val_stir = val_first.rerank_metrics(
+            val_symmetric if symmetric else val_one_way, TOP_NS[0], weight
+        )
         decision = decide(
             GATE,
             val_stir[GATE.metric],
@@ -392,6 +408,17 @@ def run_comparison(
         )
         gate = decision.to_json()
         log(f"gate on validation: {decision.reason}")
+        for rule, val_d, test_d in (
+            ("one way", val_one_way, test_one_way),
+            ("symmetric", val_symmetric, test_symmetric),
+        ):
+            rule_weight, val_rows = val_first.best_fusion(val_d, TOP_NS[0])
+            order_rules[rule] = {"fusion_weight": rule_weight, "val_cmc@1": val_rows["cmc@1"]}
+            for top_n in TOP_NS:
+                rows[f"embedder + STIR@{top_n}, {rule} (weight {rule_weight:g})"] = (
+                    first.rerank_metrics(test_d, top_n, rule_weight)
+                )
+        log(f"pair order rules on validation: {order_rules}")
 
     training = {
         "embedder": {
@@ -406,6 +433,7 @@ def run_comparison(
             "result": train_summary(stir_result),
             "init": "from the trained embedder",
             "fusion_weight": weight,
+            "pair_order": order_rules,
             "gate_on_validation": gate,
         },
     }
@@ -487,7 +515,8 @@ def write_outputs(out: Path | None, title: str, report: dict[str, Any]) -> None:
             for name, t in report["training"].items()
         ),
         f"- STIR fusion weight (calibrated on validation): "
-        f"{report['training']['stir'].get('fusion_weight')}; gate on validation: "
+        f"{report['training']['stir'].get('fusion_weight')}; pair order: "
+        f"{json.dumps(report['training']['stir'].get('pair_order'))}; gate on validation: "
         f"{report['training']['stir'].get('gate_on_validation', {}).get('reason', 'none')}",
         "- timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()),
         "",

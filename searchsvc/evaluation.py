@@ -174,6 +174,24 @@ PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(N, S, S, 3)`` query pixels x ``(N, S, S, 3)`` candidate pixels -> ``(N,)`` distances."""
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How a reranker's distances are best used on a validation set, and the metrics then."""
+
+    fusion_weight: float
+    symmetric: bool
+    rows: dict[str, float]
+
+    def validation_metrics(self) -> dict[str, float]:
+        """The rows plus the choices, as a validation function reports them to a trainer
+        (``fusion_weight``; ``symmetric`` as 1.0 or 0.0)."""
+        return {
+            **self.rows,
+            "fusion_weight": self.fusion_weight,
+            "symmetric": float(self.symmetric),
+        }
+
+
 def stir_distances(
     score_pairs: PairScorer,
     query_pixels: np.ndarray,
@@ -350,14 +368,50 @@ class FirstStageResult:
         *,
         metric: str = "cmc@1",
         weights: Sequence[float] = FUSION_WEIGHTS,
-    ) -> tuple[float, dict[str, float]]:
-        """Score calibration: the fusion weight (:func:`searchsvc.rerank.fuse_distances`)
-        under which reranking the first ``top_n`` scores best on this set by ``metric``,
-        and the metrics it gives. Ties go to the larger weight (closer to the first stage's
-        order, the safer choice)."""
-        return self.best_fusion(
-            self.pair_distances(score_pairs, size, top_n), top_n, metric=metric, weights=weights
+        try_symmetric: bool = True,
+    ) -> Calibration:
+        """Score calibration: how a reranker's distances are used on this set. The best by
+        ``metric`` of every fusion weight (:func:`searchsvc.rerank.fuse_distances`), with
+        the pairs scored one way (query, candidate) and, with ``try_symmetric``, also as the
+        mean of both orders (:attr:`StirConfig.symmetric`, twice the pairs at query time).
+        Ties go to one-way scoring and to the larger weight (the cheaper and the safer
+        choice: closer to the first stage's order)."""
+        return max(
+            self.calibration_options(
+                score_pairs,
+                size,
+                top_n,
+                metric=metric,
+                weights=weights,
+                try_symmetric=try_symmetric,
+            ),
+            key=lambda option: (option.rows[metric], not option.symmetric),
         )
+
+    def calibration_options(
+        self,
+        score_pairs: PairScorer,
+        size: int,
+        top_n: int,
+        *,
+        metric: str = "cmc@1",
+        weights: Sequence[float] = FUSION_WEIGHTS,
+        try_symmetric: bool = True,
+    ) -> list[Calibration]:
+        """The best fusion weight for one-way scoring and (``try_symmetric``) for
+        symmetric scoring: one :class:`Calibration` each, one-way first."""
+        one_way = self.pair_distances(score_pairs, size, top_n)
+        weight, rows = self.best_fusion(one_way, top_n, metric=metric, weights=weights)
+        options = [Calibration(weight, False, rows)]
+        if try_symmetric:
+            reverse = self.pair_distances(
+                lambda queries, candidates: score_pairs(candidates, queries), size, top_n
+            )
+            weight, rows = self.best_fusion(
+                (one_way + reverse) / 2, top_n, metric=metric, weights=weights
+            )
+            options.append(Calibration(weight, True, rows))
+        return options
 
     def best_fusion(
         self,

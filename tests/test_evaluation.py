@@ -3,6 +3,7 @@ the labelled query set formats."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,81 @@ def test_calibration_picks_the_fusion_weight_that_ranks_best_ties_to_the_larger(
     assert weight == 0.25 and rows["cmc@1"] == 1.0
     weight, rows = result.best_fusion(np.full((2, 3), 0.5), 3)
     assert weight == max(FUSION_WEIGHTS) and rows["cmc@1"] == 0.0  # no signal: the largest
+
+
+def _two_query_result(
+    gallery_values: list[int], query_values: list[int]
+) -> tuple[FirstStageResult, dict[int, str]]:
+    """The ranking of the test above, with 1x1 pixels whose value names each image (for a
+    pair scorer that looks images up by name)."""
+    gallery = [LabelledImage(lab, Path(), "", "catalog") for lab in ("a", "x", "b", "y")]
+    eval_set = EvalSet(
+        gallery=gallery,
+        queries=[LabelledImage(lab, Path(), "", "query") for lab in ("a", "b")],
+        self_index=np.array([-1, -1]),
+        loader=PixelLoader(0, 0),
+    )
+
+    def as_pixels(values: list[int]) -> np.ndarray:
+        return np.array(values, np.uint8)[:, None, None, None].repeat(3, -1)
+
+    eval_set._pixels[("gallery", 1)] = (as_pixels(gallery_values), np.ones(4, bool))
+    eval_set._pixels[("photos", 1)] = (as_pixels(query_values), np.ones(2, bool))
+    ranked = np.array([[1, 0, 3], [3, 2, 1]])
+    labels = np.array(["a", "x", "b", "y"], dtype=object)
+    result = FirstStageResult(
+        eval_set,
+        ranked,
+        np.array([[0.10, 0.12, 0.50], [0.10, 0.40, 0.50]]),
+        ["a", "b"],
+        labels,
+        np.array([1, 1]),
+        score(labels[ranked], ["a", "b"], np.array([1, 1])),
+    )
+    names = {v: f"g{i}" for i, v in enumerate(gallery_values)}
+    names.update({v: f"q{i}" for i, v in enumerate(query_values)})
+    return result, names
+
+
+def _table_scorer(
+    names: dict[int, str], table: dict[tuple[str, str], float]
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    def score_pairs(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        return np.array(
+            [
+                table[(names[int(f[0, 0, 0])], names[int(s[0, 0, 0])])]
+                for f, s in zip(first, second, strict=True)
+            ]
+        )
+
+    return score_pairs
+
+
+def test_calibration_scores_both_pair_orders_when_that_ranks_better() -> None:
+    """One way, the scorer ranks query 1's match (g2) below g3; the other way round it is
+    sure of it: only the mean of both orders ranks both matches first."""
+    result, names = _two_query_result([10, 11, 12, 13], [20, 21])
+    one_way = {("q0", "g1"): 0.6, ("q0", "g0"): 0.2, ("q0", "g3"): 0.9}
+    one_way |= {("q1", "g3"): 0.3, ("q1", "g2"): 0.5, ("q1", "g1"): 0.9}
+    reverse = {(c, q): d for (q, c), d in one_way.items()}
+    reverse |= {("g3", "q1"): 0.7, ("g2", "q1"): 0.1}
+    scorer = _table_scorer(names, one_way | reverse)
+
+    options = result.calibration_options(scorer, 1, 3)
+    assert [o.symmetric for o in options] == [False, True]
+    assert options[0].rows["cmc@1"] == 0.5 and options[1].rows["cmc@1"] == 1.0
+    chosen = result.calibrated(scorer, 1, 3)
+    assert chosen.symmetric and chosen.fusion_weight == 0.25  # ties go to the larger weight
+    assert chosen.validation_metrics()["symmetric"] == 1.0
+    assert not result.calibrated(scorer, 1, 3, try_symmetric=False).symmetric
+
+
+def test_calibration_keeps_one_way_scoring_when_both_orders_tie() -> None:
+    result, names = _two_query_result([10, 11, 12, 13], [20, 21])
+    one_way = {("q0", "g1"): 0.6, ("q0", "g0"): 0.2, ("q0", "g3"): 0.9}
+    one_way |= {("q1", "g3"): 0.6, ("q1", "g2"): 0.3, ("q1", "g1"): 0.9}
+    scorer = _table_scorer(names, one_way | {(c, q): d for (q, c), d in one_way.items()})
+    chosen = result.calibrated(scorer, 1, 3)
+    assert chosen.rows["cmc@1"] == 1.0
+    assert not chosen.symmetric  # the same ranking at half the pairs
+    assert chosen.validation_metrics()["symmetric"] == 0.0

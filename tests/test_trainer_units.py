@@ -411,12 +411,16 @@ def test_neighbour_groups_are_the_first_stage_lists() -> None:
     assert (pairs.is_negative == (data.labels[pairs.first] != data.labels[pairs.second])).all()
 
 
-def test_stir_trains_on_neighbour_groups_and_calibrates_its_fusion_weight() -> None:
+def test_stir_trains_on_neighbour_groups_and_calibrates_its_scoring() -> None:
     calls: list[int] = []
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         calls.append(1)
-        return {"cmc@1": 0.5 + 0.1 * len(calls), "fusion_weight": float(len(calls))}
+        return {
+            "cmc@1": 0.5 + 0.1 * len(calls),
+            "fusion_weight": float(len(calls)),
+            "symmetric": float(len(calls) > 1),
+        }
 
     net, result = train_stir(
         _embedder(),
@@ -429,4 +433,5 @@ def test_stir_trains_on_neighbour_groups_and_calibrates_its_fusion_weight() -> N
     assert result.steps_done == 4
     # the last validation scored best: its calibrated weight travels with the model
     assert net.config.fusion_weight == float(len(calls)) and len(calls) >= 2
+    assert net.config.symmetric  # and so does its choice of pair order
     assert net.config.joint_blocks == 1  # the tiny backbone's whole depth (default: 2)

@@ -625,11 +625,10 @@ def _stir_stage(
 
         def validate(model: Any) -> dict[str, float]:
             # Score calibration: the fusion weight that reranks this split best (0 = STIR
-            # alone) is part of what validation selects.
-            weight, rows = first_stage.calibrated(
+            # alone) and one-way or symmetric scoring are part of what validation selects.
+            return first_stage.calibrated(
                 scorer_of(model).score_pairs, model.spec.input_size, top_n
-            )
-            return {**rows, "fusion_weight": weight}
+            ).validation_metrics()
 
         embeddings = frozen_embeddings(
             serving_net,

@@ -515,10 +515,15 @@ def train_stir(
     set_frozen(net, False)
     if best is not None:
         net.load_state_dict(best)
-        # A validation that calibrates (returns "fusion_weight") decides how the reranker
-        # blends in the first stage; the best epoch's weight travels in the STIR file.
+        # A validation that calibrates (returns "fusion_weight", "symmetric") decides how
+        # the reranker scores and blends in the first stage; the best epoch's choice travels
+        # in the STIR file.
         chosen = next(e for e in history if e["epoch"] == best_epoch)
-        net.config = replace(net.config, fusion_weight=float(chosen.get("fusion_weight", 0.0)))
+        net.config = replace(
+            net.config,
+            fusion_weight=float(chosen.get("fusion_weight", 0.0)),
+            symmetric=bool(chosen.get("symmetric", net.config.symmetric)),
+        )
     else:
         best_metric, best_epoch = float("nan"), epoch
     net.eval()
