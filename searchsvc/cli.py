@@ -228,9 +228,13 @@ def query(
             f"{stir:>7}  {label}"
         )
     t = response.timings_ms
+    # Not reranked, the stage still spent time (finding which reranker is active, or a
+    # worker that failed): shown, but not as a rerank.
+    rerank_label = "rerank" if response.reranked else "not reranked, stage"
     click.echo(
         f"  time: decode+embed {t['decode_embed']:.1f} ms | vector search "
-        f"{t['vector_search']:.1f} ms | rerank {t['rerank']:.1f} ms | total {t['total']:.1f} ms"
+        f"{t['vector_search']:.1f} ms | {rerank_label} {t['rerank']:.1f} ms | "
+        f"total {t['total']:.1f} ms"
     )
     click.echo(f"  feedback: searchsvc feedback {response.query_id} PRODUCT_ID [--negative]")
 

@@ -109,6 +109,9 @@ def test_stir_corrects_a_wrong_rank_one_and_falls_back_on_every_failure(
     assert first_stage["rerank_reason"] == "reranking turned off"
     no_model = query_json(query, "--top-k", "8")
     assert no_model["reranked"] is False and no_model["rerank_reason"] == "no reranker is active"
+    text = run("query", str(query)).output
+    assert "not reranked (no reranker is active)" in text
+    assert "| not reranked, stage " in text and "| rerank " not in text
 
     stir_file = train_stir_that_knows(env_home, query, first_stage)
     assert "active" in run("model", "add", "stir", str(stir_file), "--activate").output
@@ -174,3 +177,18 @@ def test_stir_corrects_a_wrong_rank_one_and_falls_back_on_every_failure(
     assert [r["product_id"] for r in fused["results"]] == [
         r["product_id"] for r in first_stage["results"]
     ]
+
+    # A STIR whose validation chose symmetric scoring: the worker scores both pair orders
+    # in its one forward and sorts by their mean.
+    symmetric = load_stir(stir_file)
+    symmetric.config = dataclasses.replace(symmetric.config, symmetric=True)
+    symmetric_file = tmp_path / "stir-symmetric.safetensors"
+    save_stir(symmetric, symmetric_file)
+    run("model", "add", "stir", str(symmetric_file), "--activate")
+    both = query_json(query, "--top-k", "8")
+    assert both["reranked"] is True and both["reranker"] == "stir-v4"
+    scores = [r["stir_score"] for r in both["results"][:5]]
+    assert scores == sorted(scores)
+    one_way = [r["stir_score"] for r in reranked["results"][:5]]
+    assert scores != one_way  # the means of two orders, not the one-way distances
+    assert "| rerank " in run("query", str(query)).output
