@@ -58,8 +58,10 @@ from searchsvc.evaluation import (  # noqa: E402
     KS,
     REPORTED,
     TOP_NS,
+    Calibration,
     EvalSet,
     FirstStageResult,
+    best_calibration,
     first_stage,
     rerank_order,
     score,
@@ -77,7 +79,12 @@ from trainer.augment import resize_pixels  # noqa: E402
 from trainer.data import TrainSet  # noqa: E402
 from trainer.embedder import EmbedderTrainConfig, train_embedder  # noqa: E402
 from trainer.loop import Budget, TrainResult, Validate  # noqa: E402
-from trainer.stir import StirTrainConfig, frozen_embeddings, train_stir  # noqa: E402
+from trainer.stir import (  # noqa: E402
+    StirTrainConfig,
+    choose_scoring,
+    frozen_embeddings,
+    train_stir,
+)
 
 PROFILE = "small"
 STEPS_CAP = 1_000_000
@@ -260,12 +267,12 @@ def make_validate_embedder(val_set: EvalSet, precision: str) -> Validate:
 def make_validate_stir(first: FirstStageResult, precision: str, top_n: int) -> Validate:
     """STIR's validation, as the retrain command runs it: rerank the embedder's ranking of
     the validation set, with the fusion weight calibrated on it (returned as
-    ``fusion_weight``)."""
+    ``fusion_weight``); pairs scored one way (the order is chosen after training)."""
 
     def validate(model: torch.nn.Module) -> dict[str, float]:
         scorer = StirScorer(model, device="auto", precision=precision)  # type: ignore[arg-type]
         return first.calibrated(
-            scorer.score_pairs, scorer.info.input_size, top_n
+            scorer.score_pairs, scorer.info.input_size, top_n, try_symmetric=False
         ).validation_metrics()
 
     return validate
@@ -361,27 +368,33 @@ def run_comparison(
         progress=progress,
     )
     timings["train_stir_s"] = time.monotonic() - tick
-    weight = stir_net.config.fusion_weight
+    # As the retrain command does: after training, validation chooses the fusion weight
+    # and the pair order (one way, or the mean of both: StirConfig.symmetric).
+    options: list[Calibration] = []
+    if val_first is not None:
+        tick = time.monotonic()
+        choice, options = choose_scoring(
+            stir_net,
+            val_first,
+            TOP_NS[0],
+            precision=precision,  # type: ignore[arg-type]
+        )
+        timings["choose_scoring_s"] = time.monotonic() - tick
+    weight, symmetric = stir_net.config.fusion_weight, stir_net.config.symmetric
     log(
         f"stir: {stir_result.steps_done} steps in {timings['train_stir_s']:.0f} s, "
-        f"fusion weight {weight:g}"
+        f"fusion weight {weight:g}, {'symmetric' if symmetric else 'one way'}"
     )
 
-    # Both pair orders of every test pair are scored once: the served rows use the order
-    # rule validation chose (one way, or the mean of both: StirConfig.symmetric), and the
-    # lever rows show the other rule beside it, each at its own calibrated weight.
+    # Both pair orders of every test pair are scored once: the served rows use the rule
+    # validation chose, and the lever rows show each rule at its own calibrated weight.
     tick = time.monotonic()
-    symmetric = stir_net.config.symmetric
     stir_net.config = replace(stir_net.config, symmetric=False)
     scorer = StirScorer(stir_net, device="auto", precision=precision)  # type: ignore[arg-type]
     size, widest = scorer.info.input_size, max(TOP_NS)
-
-    def both_orders(result: FirstStageResult, top_n: int) -> tuple[np.ndarray, np.ndarray]:
-        one_way = result.pair_distances(scorer.score_pairs, size, top_n)
-        reverse = result.pair_distances(lambda q, c: scorer.score_pairs(c, q), size, top_n)
-        return one_way, (one_way + reverse) / 2
-
-    test_one_way, test_symmetric = both_orders(first, widest)
+    test_one_way = first.pair_distances(scorer.score_pairs, size, widest)
+    test_reverse = first.pair_distances(lambda q, c: scorer.score_pairs(c, q), size, widest)
+    test_symmetric = (test_one_way + test_reverse) / 2
     stir_net.config = replace(stir_net.config, symmetric=symmetric)
     timings["eval_stir_s"] = time.monotonic() - tick
     timings["stir_pairs_scored"] = float(2 * len(first.ranked) * widest)
@@ -392,33 +405,32 @@ def run_comparison(
         rows[f"embedder + STIR@{top_n}, STIR alone"] = first.rerank_metrics(served, top_n, 0.0)
     for key, value in perfect_rows(first, TOP_NS).items():
         rows[f"embedder, {key.replace('perfect', 'perfect reranker')}"] = value
+    order_rules: dict[str, Any] = {"served": "symmetric" if symmetric else "one way"}
+    for option in options:
+        rule = "symmetric" if option.symmetric else "one way"
+        order_rules[rule] = {
+            "fusion_weight": option.fusion_weight,
+            "val_cmc@1": option.rows["cmc@1"],
+        }
+        for top_n in TOP_NS:
+            rows[f"embedder + STIR@{top_n}, {rule} (weight {option.fusion_weight:g})"] = (
+                first.rerank_metrics(
+                    test_symmetric if option.symmetric else test_one_way,
+                    top_n,
+                    option.fusion_weight,
+                )
+            )
 
     gate: dict[str, Any] = {"decision": "no validation set: no gate"}
-    order_rules: dict[str, Any] = {"served": "symmetric" if symmetric else "one way"}
     if val_first is not None:
-        val_one_way, val_symmetric = both_orders(val_first, TOP_NS[0])
-        val_stir = val_first.rerank_metrics(
-            val_symmetric if symmetric else val_one_way, TOP_NS[0], weight
-        )
         decision = decide(
             GATE,
-            val_stir[GATE.metric],
+            best_calibration(options).rows[GATE.metric],
             rows_val_embedder[GATE.metric],
             what=f"stir at top_n {TOP_NS[0]}",
         )
         gate = decision.to_json()
-        log(f"gate on validation: {decision.reason}")
-        for rule, val_d, test_d in (
-            ("one way", val_one_way, test_one_way),
-            ("symmetric", val_symmetric, test_symmetric),
-        ):
-            rule_weight, val_rows = val_first.best_fusion(val_d, TOP_NS[0])
-            order_rules[rule] = {"fusion_weight": rule_weight, "val_cmc@1": val_rows["cmc@1"]}
-            for top_n in TOP_NS:
-                rows[f"embedder + STIR@{top_n}, {rule} (weight {rule_weight:g})"] = (
-                    first.rerank_metrics(test_d, top_n, rule_weight)
-                )
-        log(f"pair order rules on validation: {order_rules}")
+        log(f"gate on validation: {decision.reason}; pair order rules: {order_rules}")
 
     training = {
         "embedder": {

@@ -192,6 +192,12 @@ class Calibration:
         }
 
 
+def best_calibration(options: Sequence[Calibration], metric: str = "cmc@1") -> Calibration:
+    """The option that ranks best by ``metric``; a tie goes to one-way scoring (the same
+    ranking at half the pairs)."""
+    return max(options, key=lambda option: (option.rows[metric], not option.symmetric))
+
+
 def stir_distances(
     score_pairs: PairScorer,
     query_pixels: np.ndarray,
@@ -376,7 +382,7 @@ class FirstStageResult:
         mean of both orders (:attr:`StirConfig.symmetric`, twice the pairs at query time).
         Ties go to one-way scoring and to the larger weight (the cheaper and the safer
         choice: closer to the first stage's order)."""
-        return max(
+        return best_calibration(
             self.calibration_options(
                 score_pairs,
                 size,
@@ -385,7 +391,7 @@ class FirstStageResult:
                 weights=weights,
                 try_symmetric=try_symmetric,
             ),
-            key=lambda option: (option.rows[metric], not option.symmetric),
+            metric,
         )
 
     def calibration_options(

@@ -29,6 +29,7 @@ from searchsvc.evaluation import evaluate_live, load_query_set
 from searchsvc.model_store import active_version, register_version
 from searchsvc.models.embedder import new_embedding_net, save_embedder
 from searchsvc.models.profiles import PROFILES
+from searchsvc.models.stir import load_stir
 from searchsvc.promotion import promote_embedder
 from searchsvc.search import record_feedback
 from trainer.retrain import RetrainConfig, RetrainReport, retrain
@@ -265,6 +266,22 @@ def test_stir_from_logged_feedback_is_gated_and_eval_reports_it(world: World) ->
     assert stage.baseline is not None and stage.baseline.models == {"stir": "none"}
     gain = stage.candidate.metric("cmc@1", "stir@5") - stage.baseline.metric("cmc@1")
     assert stage.decision.passed == (gain >= 0.01)
+    # After training, validation chose the pair order and the fusion weight (the best of
+    # one way and symmetric; a tie to one way), and the candidate file carries the choice.
+    assert stage.train is not None
+    scoring = stage.train["scoring"]
+    one_way, both = scoring["options"]
+    assert (one_way["symmetric"], both["symmetric"]) == (False, True)
+    best = both if both["cmc@1"] > one_way["cmc@1"] else one_way
+    assert (scoring["symmetric"], scoring["fusion_weight"]) == (
+        best["symmetric"],
+        best["fusion_weight"],
+    )
+    with app.db.session() as session:
+        version = session.get(ModelVersion, stage.candidate_version)
+        assert version is not None
+        stored = load_stir(Path(version.file)).config
+    assert (stored.symmetric, stored.fusion_weight) == (best["symmetric"], best["fusion_weight"])
     active = active_version(app.db, ModelKind.STIR)
     assert (active is not None and active.id == stage.candidate_version) == stage.promoted
 

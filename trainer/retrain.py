@@ -85,7 +85,7 @@ from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
 from trainer.loop import Budget, Log, TrainResult, stderr_log
 from trainer.samplers import BalancedBatchSampler
-from trainer.stir import StirTrainConfig, frozen_embeddings, train_stir
+from trainer.stir import StirTrainConfig, choose_scoring, frozen_embeddings, train_stir
 
 MIN_STIR_SHARE = 0.1
 """STIR is not started with less than this share of the budget left (it would return its
@@ -625,9 +625,10 @@ def _stir_stage(
 
         def validate(model: Any) -> dict[str, float]:
             # Score calibration: the fusion weight that reranks this split best (0 = STIR
-            # alone) and one-way or symmetric scoring are part of what validation selects.
+            # alone) is part of what validation selects. One pair order here: the choice
+            # of symmetric scoring is made once, after training (choose_scoring).
             return first_stage.calibrated(
-                scorer_of(model).score_pairs, model.spec.input_size, top_n
+                scorer_of(model).score_pairs, model.spec.input_size, top_n, try_symmetric=False
             ).validation_metrics()
 
         embeddings = frozen_embeddings(
@@ -649,8 +650,29 @@ def _stir_stage(
             log=log,
             progress=config.progress,
         )
+        choice, options = choose_scoring(
+            net, first_stage, top_n, device=settings.device, precision=settings.precision
+        )
+        log(
+            f"stir: scoring chosen on validation: "
+            f"{'symmetric' if choice.symmetric else 'one way'}, fusion weight "
+            f"{choice.fusion_weight:g} (cmc@1 "
+            + ", ".join(
+                f"{'symmetric' if o.symmetric else 'one way'} {100 * o.rows['cmc@1']:.2f}"
+                for o in options
+            )
+            + ")"
+        )
         outcome.train = _training_record(config, split, result, "stir", serving_net.spec, data)
         outcome.train["hard_negatives_used"] = int(len(negatives))
+        outcome.train["scoring"] = {
+            "fusion_weight": choice.fusion_weight,
+            "symmetric": choice.symmetric,
+            "options": [
+                {"symmetric": o.symmetric, "fusion_weight": o.fusion_weight, **o.rows}
+                for o in options
+            ],
+        }
         save_stir(net.cpu(), candidate_file, {"training": outcome.train})
         _remove_checkpoint(run_dir / "stir-state.safetensors")
         stage["train"] = outcome.train
