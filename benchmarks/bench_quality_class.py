@@ -61,7 +61,6 @@ from searchsvc.evaluation import (  # noqa: E402
     Calibration,
     EvalSet,
     FirstStageResult,
-    best_calibration,
     first_stage,
     rerank_order,
     score,
@@ -370,6 +369,7 @@ def run_comparison(
     timings["train_stir_s"] = time.monotonic() - tick
     # As the retrain command does: after training, validation chooses the fusion weight
     # and the pair order (one way, or the mean of both: StirConfig.symmetric).
+    choice: Calibration | None = None
     options: list[Calibration] = []
     if val_first is not None:
         tick = time.monotonic()
@@ -422,10 +422,10 @@ def run_comparison(
             )
 
     gate: dict[str, Any] = {"decision": "no validation set: no gate"}
-    if val_first is not None:
+    if choice is not None:
         decision = decide(
             GATE,
-            best_calibration(options).rows[GATE.metric],
+            choice.rows[GATE.metric],
             rows_val_embedder[GATE.metric],
             what=f"stir at top_n {TOP_NS[0]}",
         )
