@@ -23,6 +23,7 @@ from searchsvc.models.runtime import (
     pixels_to_tensor,
     select_device,
 )
+from searchsvc.models.stem import apply_stem
 
 EMBEDDER_KIND = "embedder"
 
@@ -30,11 +31,12 @@ EMBEDDER_KIND = "embedder"
 def create_backbone(spec: EmbedderSpec, *, pretrained: bool) -> nn.Module:
     """The timm network of ``spec`` without a classifier (its output is the pooled feature)."""
     try:
-        return timm.create_model(
+        backbone = timm.create_model(
             spec.timm_name, pretrained=pretrained, num_classes=0, **dict(spec.timm_kwargs)
         )
     except RuntimeError as exc:  # timm reports unknown names and hub failures this way
         raise ModelError(f"cannot create timm model {spec.timm_name!r} ({exc})") from None
+    return apply_stem(backbone, spec)
 
 
 class EmbeddingNet(nn.Module):

@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal, cast
+
+Stem = Literal["patch", "conv"]
+STEMS: tuple[str, ...] = ("patch", "conv")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +28,13 @@ class EmbedderSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     hub_pretrained: bool = False
     """True: without a weights file, timm fetches the profile's pretrained weights."""
+    stem: Stem = "patch"
+    """``"patch"``: timm's patchify convolution; ``"conv"``: a stack of stride-2 convolutions
+    with the same token grid (:mod:`searchsvc.models.stem`)."""
+
+    def __post_init__(self) -> None:
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -34,6 +44,7 @@ class EmbedderSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "hub_pretrained": self.hub_pretrained,
+            "stem": self.stem,
         }
 
     @classmethod
@@ -45,13 +56,17 @@ class EmbedderSpec:
             mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),  # type: ignore[arg-type]
             std=tuple(float(v) for v in data.get("std", IMAGENET_STD)),  # type: ignore[arg-type]
             hub_pretrained=bool(data.get("hub_pretrained", False)),
+            stem=cast(Stem, str(data.get("stem", "patch"))),  # files written before stems
         )
 
 
 PROFILES: Mapping[str, EmbedderSpec] = MappingProxyType(
     {
-        # A ViT small enough to train and serve on a laptop CPU: 32x32 input, 4x4 patches
-        # (64 tokens), width 128, depth 6. Sized for Fashion-MNIST-like catalogs and tests.
+        # A ViT small enough to train and serve on a laptop CPU: 32x32 input, an 8x8 token
+        # grid (64 tokens) from a two-layer conv stem, width 128, depth 6. Sized for
+        # Fashion-MNIST-like catalogs and tests. The conv stem, against timm's 4x4 patchify
+        # layer, measured on Fashion-MNIST classes (this 2-core EPYC, 4 minutes, 2,000 test
+        # queries): CMC@1 83.85 against 81.85 in the same minutes, 82.75 in the same steps.
         "small": EmbedderSpec(
             timm_name="vit_small_patch16_224",
             input_size=32,
@@ -64,6 +79,7 @@ PROFILES: Mapping[str, EmbedderSpec] = MappingProxyType(
             },
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
+            stem="conv",
         ),
         # The production default: DINO ViT-S/16, 384-d, as in the STIR paper.
         "vit_s16": EmbedderSpec(
