@@ -150,20 +150,19 @@ def test_split_mode_copies_the_embedder_exactly(embedder: EmbeddingNet) -> None:
 
 def test_split_mode_sees_each_half_like_the_embedder(embedder: EmbeddingNet) -> None:
     """With zero segment embeddings, each half's patch tokens enter the blocks exactly as the
-    embedder's would: same patch embedding, same positions."""
+    embedder's would: same patch embedding (each half embedded alone, so the small
+    profile's conv stem does not read across the seam), same positions."""
     net = _stir(embedder, "split")
     q, c = _images(2, 8), _images(2, 9)
-    patch_embed: Any = net.backbone.patch_embed
     source_patch_embed: Any = embedder.backbone.patch_embed
     pos = net.backbone.pos_embed
     source_pos: Any = embedder.backbone.pos_embed
     segment = net.segment_embed
     assert pos is not None and source_pos is not None and segment is not None
     with torch.no_grad():
-        tokens = patch_embed(torch.cat([q, c], dim=2))
-        n = (S // 4) ** 2
-        torch.testing.assert_close(tokens[:, :n], source_patch_embed(q), rtol=0, atol=1e-6)
-        torch.testing.assert_close(tokens[:, n:], source_patch_embed(c), rtol=0, atol=1e-6)
+        tokens = net._patches(torch.cat([q, c]))
+        torch.testing.assert_close(tokens[:2], source_patch_embed(q), rtol=0, atol=1e-6)
+        torch.testing.assert_close(tokens[2:], source_patch_embed(c), rtol=0, atol=1e-6)
         grid = pos[:, 1:]
         for half in (0, 1):
             assert torch.equal(grid + segment[half], source_pos[:, 1:])
@@ -283,6 +282,63 @@ def test_scorer_pairs_across_queries_and_validation(embedder: EmbeddingNet) -> N
         scorer.score(queries[0].astype(np.float32), candidates)
     with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
         scorer.score(queries[0], candidates[:, :16])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("joint", [None, 0, 2])
+def test_indexed_pairs_equal_the_pairs_they_name(
+    embedder: EmbeddingNet, joint: int | None, symmetric: bool
+) -> None:
+    """pair_logits reads each distinct image once; its logits are those of the stacked pairs
+    it indexes, whichever image is repeated and in which role."""
+    positional = "interpolate" if joint is None else "split"
+    net = _stir(_trained_bn(embedder), positional, joint_blocks=joint, symmetric=symmetric)
+    images = _images(5, 11)
+    first = torch.tensor([0, 0, 0, 3, 4, 2])
+    second = torch.tensor([1, 2, 3, 0, 4, 2])
+    with torch.no_grad():
+        indexed = net.pair_logits(images, first, second)
+        direct = net(images[first], images[second])
+        torch.testing.assert_close(indexed, direct, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            net.pair_distances(images, first, second),
+            net.distances(images[first], images[second]),
+            atol=1e-6,
+            rtol=0,
+        )
+
+
+def test_scorer_reads_a_repeated_query_once_with_the_same_distances(
+    embedder: EmbeddingNet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = _stir(_trained_bn(embedder), "split", joint_blocks=2)
+    scorer = StirScorer(net, device="cpu", precision="fp32")
+    seen: list[int] = []
+    image_tokens = net._image_tokens
+
+    def counting(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images.shape[0])
+        return image_tokens(images)
+
+    monkeypatch.setattr(net, "_image_tokens", counting)
+    queries = np.repeat(_pixels((2, S, S, 3), 5), [4, 3], axis=0)  # two queries, 4 + 3 pairs
+    candidates = _pixels((7, S, S, 3), 6)
+    out = scorer.score_pairs(queries, candidates)
+    assert seen == [2 + 7]  # the two queries once each, not seven times
+    per_query = np.concatenate(
+        [scorer.score(queries[0], candidates[:4]), scorer.score(queries[4], candidates[4:])]
+    )
+    assert seen[1:] == [1 + 4, 1 + 3]
+    np.testing.assert_allclose(out, per_query, atol=1e-6, rtol=0)
+    mean = torch.tensor(SPEC.mean).view(1, 3, 1, 1)
+    std = torch.tensor(SPEC.std).view(1, 3, 1, 1)
+
+    def to_tensor(p: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(p).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+    with torch.no_grad():
+        bare = torch.sigmoid(net(to_tensor(queries), to_tensor(candidates)))
+    np.testing.assert_allclose(out, bare.numpy(), atol=1e-6, rtol=0)
 
 
 # --- learning ---------------------------------------------------------------------------

@@ -273,15 +273,16 @@ def test_stir_backbone_is_frozen_in_the_head_phase_and_trains_after() -> None:
             str(i): p.detach().clone() for i, p in enumerate(net.head.parameters())
         }
 
+    steps = 8
     net, result = train_stir(
         embedder,
         tiny_data(),
-        _stir_config(),
+        _stir_config(steps=steps),
         on_phase_end=on_phase_end,
         progress=False,
         log=lambda _: None,
     )
-    assert result.steps_done == 8
+    assert result.steps_done == steps
     assert all(torch.equal(initial[k], v) for k, v in seen["head"].items()), "backbone moved"
     assert any(not torch.equal(head_start[int(i)], v) for i, v in seen["head_head"].items()), (
         "the head did not train in the head phase"
@@ -300,9 +301,10 @@ def test_timing_a_full_stir_step_changes_nothing() -> None:
     net = StirNet.from_embedder(_embedder(), StirConfig(spec=SPEC, positional="split")).train()
     stir_module.set_frozen(net, True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    views = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    views = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pairs = (torch.tensor([0, 0, 1]), torch.tensor([2, 3, 4]))  # image 0 is in two pairs
     seconds = stir_module._time_full_step(
-        net, views, 3, torch.tensor([0.0, 1.0, 1.0]), torch.device("cpu"), None
+        net, views, pairs, torch.tensor([0.0, 1.0, 1.0]), torch.device("cpu"), None
     )
     assert seconds > 0
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -9,7 +9,8 @@ Recipe (STIR.md, reference pipeline), with the lessons of the feasibility runs:
   deduplicated; a curriculum starts from random same/different pairs and moves to the
   mined ones over the first ``curriculum_fraction`` of the steps; logged hard negatives
   (results a shopper marked wrong) are added to every batch;
-- RandomResizedCrop (scale 0.8-1.0) + flip on each image before the pair is stacked;
+- RandomResizedCrop (scale 0.8-1.0) + flip on each distinct image of a step (one view of an
+  anchor serves all of its pairs) before the pairs are formed;
 - BCE with logits, target "the pair is negative";
 - phase ``head``: the backbone (and the positional segment embedding) frozen, only the head
   trains (Adam, lr 2e-3); phase ``full``: everything, at a low rate. The reference code's
@@ -427,7 +428,11 @@ def train_stir(
                     first = np.concatenate([first, rows[:, 0]])
                     second = np.concatenate([second, rows[:, 1]])
                     target = np.concatenate([target, np.ones(count, dtype=bool)])
-                items = np.concatenate([first, second])
+                # Each distinct image of the step gets one view, read once by the per-image
+                # blocks (an anchor is in group_size pairs): STIR.pair_logits.
+                items, where = np.unique(np.concatenate([first, second]), return_inverse=True)
+                index = torch.as_tensor(where, device=device)
+                first_at, second_at = index[: len(first)], index[len(first) :]
                 images = pixels_to_tensor(data.pixels[items], net.spec.mean, net.spec.std, device)
                 torch.manual_seed(config.seed * 1_000_003 + step)  # dropout: same after a resume
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -436,7 +441,7 @@ def train_stir(
                 )
                 is_negative = torch.as_tensor(target, dtype=torch.float32, device=device)
                 with training_forward(net, device, dtype):
-                    logits = net(views[: len(first)], views[len(first) :])
+                    logits = net.pair_logits(views, first_at, second_at)
                 loss = stir_loss(logits, is_negative)
                 if config.listwise and pairs.groups is not None and pairs.prior is not None:
                     g, k = pairs.groups
@@ -467,7 +472,7 @@ def train_stir(
                     # cost over-planned a 10-minute run 2.4x (3,845 steps, 1,615 done): its
                     # cosine schedule never decayed. Time one full step on this batch too.
                     full_seconds = _time_full_step(
-                        net, views, len(first), is_negative, device, dtype
+                        net, views, (first_at, second_at), is_negative, device, dtype
                     )
                     head_seconds = float(np.mean(step_times[1:]))
                     fraction = config.head_only_fraction
@@ -571,31 +576,38 @@ def choose_scoring(
 def _time_full_step(
     net: StirNet,
     views: torch.Tensor,
-    n_pairs: int,
+    pairs: tuple[torch.Tensor, torch.Tensor],
     is_negative: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> float:
     """Seconds of one forward and backward pass with the backbone released, changing
-    nothing: no optimiser step, gradients dropped, the backbone frozen again (the next step
+    nothing: no optimiser step, gradients dropped, buffers (BatchNorm statistics) restored,
+    the backbone frozen again (the next step
     seeds its own dropout, so the run goes on as if this never happened).
 
     The pass runs twice and the second is timed: the first backward through the backbone
     builds its kernels (in bf16 on a CPU, oneDNN's primitives). Timing that one planned a
     10-minute run at 368 steps that then trained for 3 minutes."""
+    # A conv stem's BatchNorm updates its running statistics in a training forward: keep
+    # them as they were, like the weights.
+    buffers = {name: buffer.detach().clone() for name, buffer in net.named_buffers()}
     set_frozen(net, False)
     try:
         seconds = math.inf
         for _ in range(2):
             started = time.monotonic()
             with training_forward(net, device, dtype):
-                logits = net(views[:n_pairs], views[n_pairs:])
+                logits = net.pair_logits(views, *pairs)
             stir_loss(logits, is_negative).backward()
             net.zero_grad(set_to_none=True)
             seconds = time.monotonic() - started
     finally:
         net.zero_grad(set_to_none=True)
         set_frozen(net, True)
+        with torch.no_grad():
+            for name, buffer in net.named_buffers():
+                buffer.copy_(buffers[name])
     return seconds
 
 

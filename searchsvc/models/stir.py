@@ -66,6 +66,7 @@ from searchsvc.models.runtime import (
     pixels_to_tensor,
     select_device,
 )
+from searchsvc.models.stem import apply_stem
 
 STIR_KIND = "stir"
 Positional = Literal["interpolate", "split"]
@@ -169,6 +170,7 @@ def _create_pair_backbone(spec: EmbedderSpec) -> VisionTransformer:
             f"STIR needs a ViT with a class token, token pooling and learned positional "
             f"embeddings; {spec.timm_name!r} has global_pool={model.global_pool!r}"
         )
+    apply_stem(model, spec)
     return model
 
 
@@ -261,9 +263,9 @@ class StirNet(nn.Module):
     def _split_features(self, pairs: torch.Tensor) -> torch.Tensor:
         b = self.backbone
         assert self.segment_embed is not None and b.pos_embed is not None
-        x = b.patch_embed(pairs)
-        if x.ndim == 4:  # dynamic_img_size backbones emit NHWC
-            x = x.flatten(1, 2)
+        n, size = pairs.shape[0], self.spec.input_size
+        halves = self._patches(torch.cat([pairs[:, :, :size], pairs[:, :, size:]]))
+        x = torch.cat([halves[:n], halves[n:]], dim=1)  # the pair's grid, top half first
         pos = b.pos_embed
         grid = pos[:, self.pos_prefix :]
         patch_pos = torch.cat([grid + self.segment_embed[0], grid + self.segment_embed[1]], dim=1)
@@ -287,33 +289,61 @@ class StirNet(nn.Module):
                 f"expected query and candidates of shape (N, 3, {size}, {size}), got "
                 f"{tuple(query.shape)} and {tuple(candidates.shape)}"
             )
-        pairs = torch.cat([query, candidates], dim=2)  # along the height axis
         if self.config.joint_blocks is not None:
-            return cast(torch.Tensor, self.head(self._late_fusion_features(pairs))).squeeze(-1)
+            n = query.shape[0]
+            index = torch.arange(n, device=query.device)
+            return self.pair_logits(torch.cat([query, candidates]), index, index + n)
+        pairs = torch.cat([query, candidates], dim=2)  # along the height axis
         return cast(torch.Tensor, self.head(self.features(pairs))).squeeze(-1)
 
-    def _late_fusion_features(self, pairs: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, 2S, S)`` -> ``(N, 4 * dim)``: see ``joint_blocks`` in the module doc."""
+    def pair_logits(
+        self, images: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
+        """``(M, 3, S, S)`` images and ``(P,)`` index vectors -> ``(P,)`` logits of the pairs
+        ``(images[first[i]], images[second[i]])``, ``first`` on top.
+
+        Under late fusion an image's per-image blocks run ONCE however many pairs it is in
+        (a query against its top_n candidates: ``top_n + 1`` images, not ``2 top_n``); the
+        joint blocks and the head run per pair. The paper's form reads stacked pixels, so
+        there every pair is its own forward."""
+        if self.config.joint_blocks is None:
+            return self(images[first], images[second])
+        tokens = self._image_tokens(images)
+        return self._pair_head(tokens, first, second)
+
+    def _pair_head(
+        self, tokens: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
+        features = self._joint_features(torch.cat([tokens[first], tokens[second]]))
+        return cast(torch.Tensor, self.head(features)).squeeze(-1)
+
+    def _image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``(M, 3, S, S)`` -> ``(M, L, D)``: each image's tokens after the blocks that read
+        it alone (late fusion: all but the last ``joint_blocks``)."""
         b = self.backbone
-        assert self.segment_embed is not None and b.pos_embed is not None
-        assert self.config.joint_blocks is not None
-        n = pairs.shape[0]
-        x = b.patch_embed(pairs)
-        if x.ndim == 4:
-            x = x.flatten(1, 2)
-        half = x.shape[1] // 2  # patches never straddle the seam (S is a multiple of them)
+        assert b.pos_embed is not None and self.config.joint_blocks is not None
+        m = images.shape[0]
+        x = self._patches(images) + b.pos_embed[:, self.pos_prefix :]
         pos = b.pos_embed
-        x = torch.cat([x[:, :half], x[:, half:]]) + pos[:, self.pos_prefix :]  # (2N, T, D)
-        prefix = [cast(torch.Tensor, b.cls_token).expand(2 * n, -1, -1)]
+        prefix = [cast(torch.Tensor, b.cls_token).expand(m, -1, -1)]
         if b.reg_token is not None:
-            prefix.append(b.reg_token.expand(2 * n, -1, -1))
+            prefix.append(b.reg_token.expand(m, -1, -1))
         tokens = torch.cat(prefix, dim=1)
         if self.pos_prefix:
             tokens = tokens + pos[:, : self.pos_prefix]
         x = b.norm_pre(b.patch_drop(b.pos_drop(torch.cat([tokens, x], dim=1))))
         depth = len(b.blocks)
         for block in b.blocks[: depth - self.config.joint_blocks]:
-            x = block(x)  # each image alone
+            x = block(x)
+        return x
+
+    def _joint_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(2P, L, D)`` per-image tokens (the pairs' first images, then their second ones)
+        -> ``(P, 4 * dim)``: the last blocks over each stacked pair, then the head's input."""
+        b = self.backbone
+        assert self.segment_embed is not None and self.config.joint_blocks is not None
+        n = x.shape[0] // 2
+        depth = len(b.blocks)
         if self.config.joint_blocks:
             length = x.shape[1]
             joint = torch.cat([x[:n] + self.segment_embed[0], x[n:] + self.segment_embed[1]], dim=1)
@@ -326,24 +356,50 @@ class StirNet(nn.Module):
         first, second = features[:n], features[n:]
         return torch.cat([first, second, first * second, (first - second).abs()], dim=-1)
 
+    def _late_fusion_features(self, pairs: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, 2S, S)`` stacked pairs -> ``(N, 4 * dim)``: see ``joint_blocks`` in the
+        module doc."""
+        size = self.spec.input_size
+        tokens = self._image_tokens(torch.cat([pairs[:, :, :size], pairs[:, :, size:]]))
+        return self._joint_features(tokens)
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        """``(M, 3, S, S)`` -> ``(M, T, D)`` patch tokens, each image embedded ALONE: a
+        convolutional stem's 3 x 3 kernels would reach across the seam of a stacked pair, so
+        each image is seen exactly as the embedder saw it."""
+        patch_embed = self.backbone.patch_embed
+        x = patch_embed.proj(images).flatten(2).transpose(1, 2)
+        return cast(torch.Tensor, patch_embed.norm(x))
+
     def distances(self, query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``(N,)`` float32 distances in ``[0, 1]``: ``sigmoid(logit)``; with
-        ``config.symmetric`` the mean of the distances of (q, c) and (c, q), computed in one
-        forward of ``2N`` pairs."""
-        if not self.config.symmetric:
-            return torch.sigmoid(self(query, candidates).float())
+        ``config.symmetric`` the mean of the distances of (q, c) and (c, q)."""
         n = query.shape[0]
-        both = torch.sigmoid(
-            self(torch.cat([query, candidates]), torch.cat([candidates, query])).float()
-        )
-        return (both[:n] + both[n:]) / 2
+        index = torch.arange(n, device=query.device)
+        return self.pair_distances(torch.cat([query, candidates]), index, index + n)
+
+    def pair_distances(
+        self, images: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`pair_logits` as float32 distances in ``[0, 1]``; with ``config.symmetric``
+        the mean over both orders (the per-image blocks still run once per image)."""
+        if not self.config.symmetric:
+            return torch.sigmoid(self.pair_logits(images, first, second).float())
+        n = first.shape[0]
+        if self.config.joint_blocks is None:
+            both = self.pair_logits(images, torch.cat([first, second]), torch.cat([second, first]))
+        else:
+            tokens = self._image_tokens(images)
+            both = self._pair_head(tokens, torch.cat([first, second]), torch.cat([second, first]))
+        probs = torch.sigmoid(both.float())
+        return (probs[:n] + probs[n:]) / 2
 
 
-def _architecture(spec: EmbedderSpec) -> tuple[str, int, str]:
+def _architecture(spec: EmbedderSpec) -> tuple[str, int, str, str]:
     """What must agree between an embedder and a STIR built from it (JSON form, so that a
     tuple and the list it became in a config file compare equal)."""
     kwargs = json.dumps(dict(spec.timm_kwargs), sort_keys=True, default=str)
-    return spec.timm_name, spec.input_size, kwargs
+    return spec.timm_name, spec.input_size, kwargs, spec.stem
 
 
 def save_stir(net: StirNet, path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -389,7 +445,8 @@ class StirInfo:
 class StirScorer:
     """Inference wrapper: uint8 pixels in, float32 pair distances in ``[0, 1]`` out.
 
-    Every call is ONE batched forward (``2N`` pairs when the config is symmetric). On the CPU
+    Every call is ONE batched forward (both orders of each pair when the config is
+    symmetric; under late fusion each distinct image's per-image blocks once). On the CPU
     in fp32 the same input gives bit-identical output on every call; a pair's distance may
     differ in the last bits with the batch it is scored in (kernels block by batch size).
     """
@@ -430,9 +487,13 @@ class StirScorer:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
-    def _distances(self, query: torch.Tensor, candidates: torch.Tensor) -> np.ndarray:
+    def _distances(self, images: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            image_t = self._tensor(images)
+            first_t = torch.as_tensor(first, device=self.device)
+            second_t = torch.as_tensor(second, device=self.device)
         with inference_context(self.device, self.dtype):
-            out = self.net.distances(query, candidates)
+            out = self.net.pair_distances(image_t, first_t, second_t)
         return cast(np.ndarray, out.float().cpu().numpy().astype(np.float32, copy=False))
 
     def score(self, query_pixels: np.ndarray, candidate_pixels: np.ndarray) -> np.ndarray:
@@ -442,19 +503,30 @@ class StirScorer:
         n = len(candidate_pixels)
         if n == 0:
             return np.empty(0, dtype=np.float32)
-        with torch.inference_mode():
-            query = self._tensor(query_pixels[None]).expand(n, -1, -1, -1)
-            candidates = self._tensor(candidate_pixels)
-        return self._distances(query, candidates)
+        images = np.concatenate([query_pixels[None], candidate_pixels])
+        return self._distances(images, np.zeros(n, np.int64), np.arange(1, n + 1))
 
     def score_pairs(self, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """Pair ``i`` is ``(queries[i], candidates[i])``: ``(N, S, S, 3)`` x 2 -> ``(N,)``."""
+        """Pair ``i`` is ``(queries[i], candidates[i])``: ``(N, S, S, 3)`` x 2 -> ``(N,)``.
+
+        A run of identical rows (a query repeated for each of its candidates, as the
+        evaluation lays pairs out) is read once: see :meth:`StirNet.pair_logits`."""
         self._check("queries", queries, 4)
         self._check("candidates", candidates, 4)
         if len(queries) != len(candidates):
             raise ValueError(f"{len(queries)} queries but {len(candidates)} candidates")
         if len(queries) == 0:
             return np.empty(0, dtype=np.float32)
-        with torch.inference_mode():
-            query_t, candidate_t = self._tensor(queries), self._tensor(candidates)
-        return self._distances(query_t, candidate_t)
+        query_rows, first = _distinct_runs(queries)
+        candidate_rows, second = _distinct_runs(candidates)
+        images = np.concatenate([query_rows, candidate_rows])
+        return self._distances(images, first, second + len(query_rows))
+
+
+def _distinct_runs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, ...)`` -> (the rows that differ from the row before, each row's index into
+    them). Only consecutive repeats are merged: a linear scan, no hashing."""
+    flat = pixels.reshape(len(pixels), -1)
+    starts = np.ones(len(pixels), dtype=bool)
+    starts[1:] = np.any(flat[1:] != flat[:-1], axis=1)
+    return pixels[starts], np.cumsum(starts) - 1
