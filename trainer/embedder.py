@@ -185,7 +185,9 @@ def train_embedder(
                 all_phase = max(CALIBRATION_STEPS, config.all_triplets_fraction * planned)
                 mining = "all" if step < all_phase else "hardest"
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_factor(step, warmup=config.warmup_steps, total=planned)
+                    group["lr"] = lr * lr_factor(
+                        step, warmup=config.warmup_steps, total=planned, hold=CALIBRATION_STEPS
+                    )
                 images = pixels_to_tensor(data.pixels[batch], net.spec.mean, net.spec.std, device)
                 torch.manual_seed(config.seed * 1_000_003 + step)  # dropout: same after a resume
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,10 +32,15 @@ def stderr_log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-CALIBRATION_STEPS = 4
-"""Steps timed before a budget fixes the plan (the first is a warm-up and not counted).
-Nothing in these steps depends on the plan (warm-up, all triplets, random pairs, frozen
-backbone), so a budgeted run and its repetition with ``steps=N`` are the same run."""
+CALIBRATION_STEPS = 20
+"""Steps run before a budget fixes the plan. Nothing in these steps depends on the plan
+(lr warm-up then held at its peak, all triplets, random pairs, frozen backbone), so a
+budgeted run and its repetition with ``steps=N`` are the same run."""
+UNTIMED_STEPS = 10
+"""The first calibration steps are not timed: a fresh process runs its first ~10 training
+steps 2-4x slower than the rest (allocator and kernel warm-up; measured on the small
+profile in bf16: 969, 835, 621, ... 648 ms, then 220-260). Planning with the first three
+left 99 s of a 14-minute class-level budget unused."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ def replan_after_calibration(
     steps train the head alone; the full steps that follow cost more)."""
     if len(step_times) != CALIBRATION_STEPS or budget.deadline is None:
         return planned
-    timed = float(sum(step_times[1:]) / (len(step_times) - 1))
+    timed = calibrated_step_seconds(step_times)
     planned = plan_steps(
         planned,
         done,
@@ -109,12 +115,24 @@ def replan_after_calibration(
     return planned
 
 
-def lr_factor(step: int, *, warmup: int, total: int, floor: float = 0.01) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
+def calibrated_step_seconds(step_times: list[float]) -> float:
+    """The cost of a step, from the calibration steps after the untimed warm-up: their
+    median (one slow step, a late kernel build or a page fault, must not halve a plan)."""
+    timed = step_times[UNTIMED_STEPS:CALIBRATION_STEPS] or step_times[-1:]
+    return float(np.median(timed))
+
+
+def lr_factor(step: int, *, warmup: int, total: int, floor: float = 0.01, hold: int = 0) -> float:
+    """Linear warm-up over ``warmup`` steps, the peak held until step ``hold``, then cosine
+    decay to ``floor`` at ``total``. (Holding through the calibration steps keeps them
+    independent of the plan they fix.)"""
     if step < warmup:
         return (step + 1) / warmup
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
+    start = max(warmup, hold)
+    if step < start:
+        return 1.0
+    span = max(1, total - start)
+    progress = min(1.0, (step - start) / span)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

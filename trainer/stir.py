@@ -54,6 +54,7 @@ from trainer.loop import (
     Log,
     TrainResult,
     Validate,
+    calibrated_step_seconds,
     epoch_line,
     fine_tuning,
     lr_factor,
@@ -474,7 +475,7 @@ def train_stir(
                     full_seconds = _time_full_step(
                         net, views, (first_at, second_at), is_negative, device, dtype
                     )
-                    head_seconds = float(np.mean(step_times[1:]))
+                    head_seconds = calibrated_step_seconds(step_times)
                     fraction = config.head_only_fraction
                     later_cost = fraction + (1 - fraction) * full_seconds / head_seconds
                     log(
