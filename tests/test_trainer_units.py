@@ -4,6 +4,7 @@ resumable state, and the STIR freeze (which the reference implementation once lo
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,16 +313,16 @@ def test_stir_backbone_is_frozen_in_the_head_phase_and_trains_after() -> None:
     )
 
 
-def test_timing_a_full_stir_step_changes_nothing() -> None:
+def test_timing_stir_passes_changes_nothing() -> None:
     net = StirNet.from_embedder(_embedder(), StirConfig(spec=SPEC, positional="split")).train()
     stir_module.set_frozen(net, True)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     views = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     pairs = (torch.tensor([0, 0, 1]), torch.tensor([2, 3, 4]))  # image 0 is in two pairs
-    seconds = stir_module._time_full_step(
+    frozen, released = stir_module._time_passes(
         net, views, pairs, torch.tensor([0.0, 1.0, 1.0]), torch.device("cpu"), None
     )
-    assert seconds > 0
+    assert frozen > 0 and released > 0
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters())
     assert not any(p.requires_grad for p in stir_module.frozen_parameters(net))  # frozen again
@@ -347,6 +348,34 @@ def test_a_budget_is_planned_with_the_cost_of_the_steps_to_come() -> None:
     )
     assert 2_900 <= cheap <= CALIBRATION_STEPS + 3_000
     assert dear == pytest.approx(cheap / 3, rel=0.02)
+
+
+def test_the_last_validation_runs_inside_the_budget() -> None:
+    """Stepping stops while a validation still fits: a budgeted run, its validations
+    included, ends within its budget (before, the last one ran after the deadline)."""
+    torch.manual_seed(0)
+    pause = 0.6
+
+    def slow_validation(model: torch.nn.Module) -> dict[str, float]:
+        time.sleep(pause)
+        return {"cmc@1": 0.5}
+
+    config = EmbedderTrainConfig(
+        epochs=1000, n_labels=3, n_instances=3, warmup_steps=2, device="cpu", precision="fp32"
+    )
+    seconds = 3.0
+    result = train_embedder(
+        EmbeddingNet(SPEC),
+        tiny_data(),
+        config,
+        validate=slow_validation,
+        budget=Budget.of_seconds(seconds),
+        progress=False,
+        log=lambda _: None,
+    )
+    assert result.stopped_by == "time" or result.steps_done == result.planned_steps
+    assert len(result.history) >= 2  # the start and at least one epoch were validated
+    assert result.seconds < seconds + pause / 2
 
 
 def test_a_freeze_that_does_not_hold_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:

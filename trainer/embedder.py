@@ -170,18 +170,21 @@ def train_embedder(
             )
 
     bar = tqdm(total=planned, initial=step, desc="embedder", unit="step", disable=not progress)
+    # A step's time is measured end to end (from the previous step's end), so that what
+    # happens between steps (a new sampler epoch, its log line) is planned for too.
     step_times: list[float] = []
+    last_end = time.monotonic()
     try:
-        while step < planned and not budget.expired():
+        # Stepping stops while the last validation still fits in the budget.
+        while step < planned and not budget.expired(val_seconds if validate else 0.0):
             losses, actives, mining = [], [], "all"
             stopped_at: int | None = None
             for batch_no, batch in enumerate(sampler.epoch(epoch)):
                 if batch_no < skip:
                     continue
-                if step >= planned or budget.expired():
+                if step >= planned or budget.expired(val_seconds if validate else 0.0):
                     stopped_at = batch_no
                     break
-                tick = time.monotonic()
                 all_phase = max(CALIBRATION_STEPS, config.all_triplets_fraction * planned)
                 mining = "all" if step < all_phase else "hardest"
                 for group in optimizer.param_groups:
@@ -206,7 +209,9 @@ def train_embedder(
                 actives.append(stats.active)
                 step += 1
                 bar.update(1)
-                step_times.append(time.monotonic() - tick)
+                now = time.monotonic()
+                step_times.append(now - last_end)
+                last_end = now
                 planned = replan_after_calibration(
                     step_times,
                     planned,

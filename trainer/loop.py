@@ -56,8 +56,10 @@ class Budget:
     def remaining(self) -> float:
         return math.inf if self.deadline is None else self.deadline - time.monotonic()
 
-    def expired(self) -> bool:
-        return self.remaining() <= 0
+    def expired(self, reserve: float = 0.0) -> bool:
+        """True once less than ``reserve`` seconds are left (the time a last validation
+        needs, so that it runs inside the budget, not after it)."""
+        return self.remaining() <= reserve
 
 
 def plan_steps(

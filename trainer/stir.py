@@ -22,7 +22,6 @@ Recipe (STIR.md, reference pipeline), with the lessons of the feasibility runs:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -389,20 +388,21 @@ def train_stir(
         log(f"stir: backbone released at step {step}, lr {config.full_rate(embedder_net.spec):.1e}")
 
     bar = tqdm(total=planned, initial=step, desc="stir", unit="step", disable=not progress)
-    step_times: list[float] = []
+    step_times: list[float] = []  # end to end, as the embedder's (trainer.embedder)
+    last_end = time.monotonic()
     try:
-        while step < planned and not budget.expired():
+        # Stepping stops while the last validation still fits in the budget.
+        while step < planned and not budget.expired(val_seconds if validate else 0.0):
             losses, accuracies = [], []
             stopped_at: int | None = None
             for batch_no, batch in enumerate(sampler.epoch(epoch)):
                 if batch_no < skip:
                     continue
-                if step >= planned or budget.expired():
+                if step >= planned or budget.expired(val_seconds if validate else 0.0):
                     stopped_at = batch_no
                     break
                 if phase == "head" and step >= head_steps():
                     end_head_phase()
-                tick = time.monotonic()
                 rng = np.random.default_rng([config.seed, step])
                 if phase == "full":  # warm-up, then cosine decay over the rest of the plan
                     factor = lr_factor(
@@ -462,7 +462,9 @@ def train_stir(
                 )
                 step += 1
                 bar.update(1)
-                step_times.append(time.monotonic() - tick)
+                now = time.monotonic()
+                step_times.append(now - last_end)
+                last_end = now
                 later_cost = 1.0
                 if (
                     phase == "head"
@@ -471,11 +473,15 @@ def train_stir(
                 ):
                     # The timed steps train the head alone. Planning the budget with their
                     # cost over-planned a 10-minute run 2.4x (3,845 steps, 1,615 done): its
-                    # cosine schedule never decayed. Time one full step on this batch too.
-                    full_seconds = _time_full_step(
+                    # cosine schedule never decayed. So the forward and backward passes of
+                    # this batch are timed frozen and released, and a full step is planned
+                    # as a timed head step plus the difference (data, optimiser and the
+                    # time between steps are the same in both phases).
+                    frozen_pass, released_pass = _time_passes(
                         net, views, (first_at, second_at), is_negative, device, dtype
                     )
                     head_seconds = calibrated_step_seconds(step_times)
+                    full_seconds = head_seconds + max(0.0, released_pass - frozen_pass)
                     fraction = config.head_only_fraction
                     later_cost = fraction + (1 - fraction) * full_seconds / head_seconds
                     log(
@@ -574,42 +580,43 @@ def choose_scoring(
     return choice, options
 
 
-def _time_full_step(
+def _time_passes(
     net: StirNet,
     views: torch.Tensor,
     pairs: tuple[torch.Tensor, torch.Tensor],
     is_negative: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> float:
-    """Seconds of one forward and backward pass with the backbone released, changing
-    nothing: no optimiser step, gradients dropped, buffers (BatchNorm statistics) restored,
-    the backbone frozen again (the next step
-    seeds its own dropout, so the run goes on as if this never happened).
+) -> tuple[float, float]:
+    """Seconds of one forward and backward pass on this batch with the backbone frozen, and
+    with it released, changing nothing: no optimiser step, gradients dropped, buffers
+    (BatchNorm statistics) restored, the backbone frozen again (the next step seeds its own
+    dropout, so the run goes on as if this never happened).
 
-    The pass runs twice and the second is timed: the first backward through the backbone
+    Each pass runs twice and the second is timed: the first backward through the backbone
     builds its kernels (in bf16 on a CPU, oneDNN's primitives). Timing that one planned a
     10-minute run at 368 steps that then trained for 3 minutes."""
     # A conv stem's BatchNorm updates its running statistics in a training forward: keep
     # them as they were, like the weights.
     buffers = {name: buffer.detach().clone() for name, buffer in net.named_buffers()}
-    set_frozen(net, False)
+    seconds: dict[bool, float] = {}
     try:
-        seconds = math.inf
-        for _ in range(2):
-            started = time.monotonic()
-            with training_forward(net, device, dtype):
-                logits = net.pair_logits(views, *pairs)
-            stir_loss(logits, is_negative).backward()
-            net.zero_grad(set_to_none=True)
-            seconds = time.monotonic() - started
+        for frozen in (True, False):
+            set_frozen(net, frozen)
+            for _ in range(2):
+                started = time.monotonic()
+                with training_forward(net, device, dtype):
+                    logits = net.pair_logits(views, *pairs)
+                stir_loss(logits, is_negative).backward()
+                net.zero_grad(set_to_none=True)
+                seconds[frozen] = time.monotonic() - started
     finally:
         net.zero_grad(set_to_none=True)
         set_frozen(net, True)
         with torch.no_grad():
             for name, buffer in net.named_buffers():
                 buffer.copy_(buffers[name])
-    return seconds
+    return seconds[True], seconds[False]
 
 
 def _copy(net: EmbeddingNet) -> EmbeddingNet:
