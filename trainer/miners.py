@@ -99,27 +99,32 @@ def mine_pairs(
 
 
 def neighbour_table(
-    embeddings: np.ndarray, k: int, *, chunk: int = 1024
+    embeddings: np.ndarray, k: int, *, chunk: int = 2048
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every item's ``k`` nearest items by cosine distance (itself excluded), nearest
-    first: ``(N, k)`` indices and distances. Exact, ``chunk`` rows at a time so that memory
-    stays at ``chunk x N`` (60k training images: 250 MB, seconds)."""
-    vectors = np.asarray(embeddings, dtype=np.float32)
+    first, ties by index: ``(N, k)`` indices and distances. Exact, ``chunk`` rows at a
+    time so that memory stays at ``chunk x N`` floats.
+
+    torch's matmul and top-k, not numpy's argpartition: for 97,500 random unit vectors of
+    128 dimensions (2-core EPYC, side by side) 56 s against 116 s. The table is built
+    inside STIR's training budget."""
+    vectors = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     n = len(vectors)
     k = min(k, n - 1)
     if k < 1:
         raise ValueError(f"need at least 2 items for a neighbour table, got {n}")
     indices = np.empty((n, k), dtype=np.int64)
     distances = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, chunk):
-        block = 1.0 - vectors[start : start + chunk] @ vectors.T
-        rows = np.arange(len(block))
-        block[rows, start + rows] = np.inf  # never its own neighbour
-        part = np.argpartition(block, k - 1, axis=1)[:, :k]
-        part_d = np.take_along_axis(block, part, axis=1)
-        order = np.lexsort((part, part_d), axis=1)  # by distance, then index: deterministic
-        indices[start : start + chunk] = np.take_along_axis(part, order, axis=1)
-        distances[start : start + chunk] = np.take_along_axis(part_d, order, axis=1)
+    with torch.inference_mode():
+        for start in range(0, n, chunk):
+            similarity = vectors[start : start + chunk] @ vectors.T
+            rows = torch.arange(len(similarity))
+            similarity[rows, start + rows] = -torch.inf  # never its own neighbour
+            top, where = torch.topk(similarity, k, dim=1, largest=True, sorted=True)
+            part, part_d = where.numpy(), 1.0 - top.numpy()
+            order = np.lexsort((part, part_d), axis=1)  # by distance, then index
+            indices[start : start + chunk] = np.take_along_axis(part, order, axis=1)
+            distances[start : start + chunk] = np.take_along_axis(part_d, order, axis=1)
     return indices, distances
 
 
