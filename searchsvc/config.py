@@ -87,6 +87,10 @@ class Settings:
     embed_task_timeout_s: float = 900.0
     """How long the ingest coordinator waits for one embed task before giving up (its rows
     stay pending for the next run)."""
+    embed_task_resend_s: float = 300.0
+    """An embed task without a result after this long is sent again (embedding is
+    idempotent; the first copy to finish answers): a Redis broker can lose the task of a
+    worker that died (:func:`searchsvc.dispatch.result_with_resends`)."""
     task_visibility_timeout_s: float = 3600.0
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""
@@ -215,8 +219,10 @@ def _validate(settings: Settings) -> None:
         fail("rerank_top_n", "must be greater than 1 (STIR reorders at least two candidates)")
     if settings.rerank_top_n > settings.top_k:
         fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
-    if not math.isfinite(settings.rerank_timeout_s) or settings.rerank_timeout_s <= 0:
-        fail("rerank_timeout_s", "must be a positive, finite number of seconds")
+    for name in ("rerank_timeout_s", "embed_task_timeout_s", "embed_task_resend_s"):
+        seconds = getattr(settings, name)
+        if not math.isfinite(seconds) or seconds <= 0:
+            fail(name, "must be a positive, finite number of seconds")
     if not 0.0 < settings.val_fraction < 1.0:
         fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):

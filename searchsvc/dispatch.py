@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import math
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,6 +29,9 @@ class TaskHandle(Protocol):
     def result(self, timeout: float | None = None) -> Payload:
         """The task's result; raises TimeoutError after ``timeout`` s, TaskFailed on failure."""
 
+    def ready(self) -> bool:
+        """True once the task has finished (its result or its failure is waiting)."""
+
 
 class Dispatcher(Protocol):
     def submit(
@@ -37,9 +42,64 @@ class Dispatcher(Protocol):
     def close(self) -> None: ...
 
 
+MAX_RESENDS = 3
+RESEND_POLL_S = 0.1
+
+
+def result_with_resends(
+    first: TaskHandle,
+    send_again: Callable[[], TaskHandle],
+    *,
+    timeout_s: float,
+    resend_after_s: float,
+    on_resend: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Payload:
+    """The first result of an idempotent task or of the copies sent after it.
+
+    A Redis broker can lose a task for good: a worker killed between popping the message
+    and recording it as unacknowledged takes it along (kombu pops, then writes its
+    ``unacked`` entry: celery/kombu#305, celery/celery#7950), and one that was recorded
+    returns only after the broker's visibility timeout, an hour by default. So a task
+    without a result ``resend_after_s`` after the wait began is sent again (at most
+    ``MAX_RESENDS`` times, each after another ``resend_after_s``), and whichever copy
+    finishes first answers; ``on_resend`` is told each copy's number. ``timeout_s`` bounds
+    the whole wait (TimeoutError). A copy that fails raises TaskFailed as the task would.
+    """
+    handles = [first]
+    started = clock()
+    deadline = started + timeout_s
+    while True:
+        now = clock()
+        if now >= deadline:
+            raise TimeoutError(f"task did not finish within {timeout_s:g} s")
+        next_resend = (
+            started + resend_after_s * len(handles) if len(handles) <= MAX_RESENDS else math.inf
+        )
+        until = min(deadline, next_resend)
+        if len(handles) == 1:  # the usual case: block on the one result
+            try:
+                return first.result(timeout=max(0.0, until - now))
+            except TimeoutError:
+                pass
+        else:
+            finished = next((handle for handle in handles if handle.ready()), None)
+            if finished is not None:
+                return finished.result(timeout=max(1.0, deadline - clock()))
+            sleep(min(RESEND_POLL_S, max(0.0, until - now)))
+        if clock() >= next_resend:
+            handles.append(send_again())
+            if on_resend is not None:
+                on_resend(len(handles) - 1)
+
+
 class _FutureHandle:
     def __init__(self, future: concurrent.futures.Future[Payload]) -> None:
         self._future = future
+
+    def ready(self) -> bool:
+        return self._future.done()
 
     def result(self, timeout: float | None = None) -> Payload:
         try:
@@ -85,6 +145,9 @@ class InProcessDispatcher:
 class _CeleryHandle:
     def __init__(self, async_result: Any) -> None:
         self._async_result = async_result
+
+    def ready(self) -> bool:
+        return bool(self._async_result.ready())
 
     def result(self, timeout: float | None = None) -> Payload:
         from celery.exceptions import TimeoutError as CeleryTimeout

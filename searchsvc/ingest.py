@@ -32,7 +32,7 @@ from searchsvc.catalog import (
 from searchsvc.config import Settings
 from searchsvc.db import Database, Image, ImageStatus, IngestRun, Product
 from searchsvc.db.models import utcnow
-from searchsvc.dispatch import EMBED_QUEUE, Dispatcher, TaskHandle
+from searchsvc.dispatch import EMBED_QUEUE, Dispatcher, TaskHandle, result_with_resends
 from searchsvc.errors import BrokerError, ImageError, SearchsvcError
 from searchsvc.images import content_hash, read_image_bytes
 from searchsvc.index import IndexPoint, VectorIndex, point_id_for
@@ -62,6 +62,8 @@ class IngestSummary:
     images_embedded: int = 0
     images_failed: int = 0
     images_removed: int = 0
+    tasks_resent: int = 0
+    """Embed tasks sent again after no result came (``embed_task_resend_s``)."""
     problem_count: int = 0
     problems: list[CatalogProblem] = field(default_factory=list)
     seconds: float = 0.0
@@ -99,6 +101,7 @@ class _Pending:
     handle: TaskHandle
     items: list[EmbedItem]
     old_points: dict[int, str | None]  # image id -> point to delete once replaced
+    payload: dict[str, Any]  # the request, to send again
 
 
 class IngestCoordinator:
@@ -438,16 +441,30 @@ class IngestCoordinator:
             collection=self._collection(),
             write_index=self.workers_write,
         )
-        handle = self.dispatcher.submit(EMBED_TASK, request.to_json(), queue=EMBED_QUEUE)
+        payload = request.to_json()
+        handle = self.dispatcher.submit(EMBED_TASK, payload, queue=EMBED_QUEUE)
         return _Pending(
-            handle, items, {item.image_id: old_points.get(item.image_id) for item in items}
+            handle,
+            items,
+            {item.image_id: old_points.get(item.image_id) for item in items},
+            payload,
         )
 
     def _collect(self, pending: _Pending, summary: IngestSummary) -> int:
         """Wait for one embed task, write its points, and record each image's outcome."""
+
+        def resent(_copy: int) -> None:
+            summary.tasks_resent += 1
+
         try:
             response = EmbedResponse.from_json(
-                pending.handle.result(timeout=self.settings.embed_task_timeout_s)
+                result_with_resends(
+                    pending.handle,
+                    lambda: self.dispatcher.submit(EMBED_TASK, pending.payload, queue=EMBED_QUEUE),
+                    timeout_s=self.settings.embed_task_timeout_s,
+                    resend_after_s=self.settings.embed_task_resend_s,
+                    on_resend=resent,
+                )
             )
         except TimeoutError:
             raise SearchsvcError(

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 
 from searchsvc.db import Database, Image, ImageStatus, ModelKind, ModelVersion, Product
-from searchsvc.dispatch import EMBED_QUEUE, TaskHandle
+from searchsvc.dispatch import EMBED_QUEUE, Payload, TaskHandle, result_with_resends
 from searchsvc.errors import SearchsvcError
 from searchsvc.evaluation import REPORTED
 from searchsvc.index import IndexPoint, point_id_for
@@ -169,13 +169,20 @@ def promote_embedder(
     total = _count_indexed(db)
     embedded: list[tuple[int, str]] = []  # (image id, content hash) now in the new collection
     failed = 0
-    in_flight: collections.deque[tuple[TaskHandle, list[EmbedItem]]] = collections.deque()
+    in_flight: collections.deque[tuple[TaskHandle, list[EmbedItem], Payload]] = collections.deque()
 
     def collect() -> None:
         nonlocal failed
-        handle, items = in_flight.popleft()
+        handle, items, payload = in_flight.popleft()
         try:
-            response = EmbedResponse.from_json(handle.result(timeout=settings.embed_task_timeout_s))
+            response = EmbedResponse.from_json(
+                result_with_resends(
+                    handle,
+                    lambda: app.dispatcher.submit(EMBED_TASK, payload, queue=EMBED_QUEUE),
+                    timeout_s=settings.embed_task_timeout_s,
+                    resend_after_s=settings.embed_task_resend_s,
+                )
+            )
         except TimeoutError:
             raise SearchsvcError(
                 f"no embed worker finished a task within {settings.embed_task_timeout_s:g} s "
@@ -216,8 +223,9 @@ def promote_embedder(
                 collection=collection,
                 write_index=settings.workers_write_index,
             )
-            handle = app.dispatcher.submit(EMBED_TASK, request.to_json(), queue=EMBED_QUEUE)
-            in_flight.append((handle, items))
+            payload = request.to_json()
+            handle = app.dispatcher.submit(EMBED_TASK, payload, queue=EMBED_QUEUE)
+            in_flight.append((handle, items, payload))
             while len(in_flight) >= IN_FLIGHT:
                 collect()
     while in_flight:

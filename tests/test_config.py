@@ -160,6 +160,8 @@ def test_typed_values_from_environment(home: Path, tmp_path: Path):
         ({"SEARCHSVC_RERANK_TIMEOUT_S": "0"}, ["SEARCHSVC_RERANK_TIMEOUT_S"]),
         ({"SEARCHSVC_RERANK_TIMEOUT_S": "nan"}, ["SEARCHSVC_RERANK_TIMEOUT_S"]),
         ({"SEARCHSVC_RERANK_TIMEOUT_S": "inf"}, ["SEARCHSVC_RERANK_TIMEOUT_S"]),
+        ({"SEARCHSVC_EMBED_TASK_RESEND_S": "0"}, ["SEARCHSVC_EMBED_TASK_RESEND_S"]),
+        ({"SEARCHSVC_EMBED_TASK_TIMEOUT_S": "-1"}, ["SEARCHSVC_EMBED_TASK_TIMEOUT_S"]),
         ({"SEARCHSVC_RERANK": "maybe"}, ["SEARCHSVC_RERANK", "'maybe'", "true or false"]),
         ({"SEARCHSVC_DEVICE": "gpu"}, ["SEARCHSVC_DEVICE", "'gpu'", "auto, cpu, cuda"]),
         ({"SEARCHSVC_PRECISION": "fp8"}, ["SEARCHSVC_PRECISION", "'fp8'"]),

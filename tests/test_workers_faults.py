@@ -91,6 +91,11 @@ def test_kill_9_of_an_embed_worker_mid_ingest(tmp_path: Path, redis_server: Redi
             "SEARCHSVC_BROKER_URL": redis_server.url,
             "SEARCHSVC_BATCH_SIZE": "4",
             "SEARCHSVC_TASK_VISIBILITY_TIMEOUT_S": "4",
+            # The kill lands right after a task's result, where the worker may have popped
+            # the next task but not yet recorded it: Redis then has lost it, and only the
+            # ingest's resend brings it back (the likely cause of a CI run that waited out
+            # the 240 s here).
+            "SEARCHSVC_EMBED_TASK_RESEND_S": "20",
         },
     )
     first = start_worker(env, "embed", "embed-a")
