@@ -82,34 +82,40 @@ def cli_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str
 def start_worker(
     env: Mapping[str, str], queue: str, name: str, *, pool: str = "solo", concurrency: int = 1
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "-Q",
-            queue,
-            "--pool",
-            pool,
-            "--concurrency",
-            str(concurrency),
-            "-n",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-l",
-            "warning",
-        ],
-        env=dict(env),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    """A `celery worker` in its own session. Its log goes to ``worker-NAME.log`` beside
+    SEARCHSVC_HOME, so that a failing test leaves the workers' side of the story."""
+    log_path = Path(env["SEARCHSVC_HOME"]).parent / f"worker-{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        queue,
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        "info",
+    ]
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            command,
+            env=dict(env),
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
