@@ -381,10 +381,9 @@ def run_comparison(
         )
         timings["choose_scoring_s"] = time.monotonic() - tick
     weight, symmetric = stir_net.config.fusion_weight, stir_net.config.symmetric
-    space = stir_net.config.fusion_space
     log(
         f"stir: {stir_result.steps_done} steps in {timings['train_stir_s']:.0f} s, "
-        f"fusion weight {weight:g} in {space} space, {'symmetric' if symmetric else 'one way'}"
+        f"fusion weight {weight:g}, {'symmetric' if symmetric else 'one way'}"
     )
 
     # Both pair orders of every test pair are scored once: the served rows use the rule
@@ -401,16 +400,14 @@ def run_comparison(
     timings["stir_pairs_scored"] = float(2 * len(first.ranked) * widest)
     served = test_symmetric if symmetric else test_one_way
     for top_n in TOP_NS:
-        rows[f"embedder + STIR@{top_n}"] = first.rerank_metrics(served, top_n, weight, space)
+        rows[f"embedder + STIR@{top_n}"] = first.rerank_metrics(served, top_n, weight)
     for top_n in TOP_NS:
         rows[f"embedder + STIR@{top_n}, STIR alone"] = first.rerank_metrics(served, top_n, 0.0)
     for key, value in perfect_rows(first, TOP_NS).items():
         rows[f"embedder, {key.replace('perfect', 'perfect reranker')}"] = value
-    # Every scoring rule validation weighed, each at its own calibrated weight, on the test
-    # set: the side-by-side comparison of pair orders and fusion spaces.
-    order_rules: dict[str, Any] = {"served": choice.describe() if choice else "uncalibrated"}
+    order_rules: dict[str, Any] = {"served": "symmetric" if symmetric else "one way"}
     for option in options:
-        rule = f"{'symmetric' if option.symmetric else 'one way'}, {option.fusion_space}"
+        rule = "symmetric" if option.symmetric else "one way"
         order_rules[rule] = {
             "fusion_weight": option.fusion_weight,
             "val_cmc@1": option.rows["cmc@1"],
@@ -421,7 +418,6 @@ def run_comparison(
                     test_symmetric if option.symmetric else test_one_way,
                     top_n,
                     option.fusion_weight,
-                    option.fusion_space,
                 )
             )
 
@@ -449,7 +445,6 @@ def run_comparison(
             "result": train_summary(stir_result),
             "init": "from the trained embedder",
             "fusion_weight": weight,
-            "fusion_space": space,
             "pair_order": order_rules,
             "gate_on_validation": gate,
         },
@@ -532,8 +527,7 @@ def write_outputs(out: Path | None, title: str, report: dict[str, Any]) -> None:
             for name, t in report["training"].items()
         ),
         f"- STIR fusion weight (calibrated on validation): "
-        f"{report['training']['stir'].get('fusion_weight')} in "
-        f"{report['training']['stir'].get('fusion_space', 'probability')} space; scoring rules: "
+        f"{report['training']['stir'].get('fusion_weight')}; pair order: "
         f"{json.dumps(report['training']['stir'].get('pair_order'))}; gate on validation: "
         f"{report['training']['stir'].get('gate_on_validation', {}).get('reason', 'none')}",
         "- timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()),

@@ -36,7 +36,7 @@ from searchsvc.model_store import active_version, served_embedder
 from searchsvc.models.embedder import Embedder
 from searchsvc.models.stir import StirScorer
 from searchsvc.pixels import PixelStore
-from searchsvc.rerank import FUSION_SPACES, FusionSpace, fuse_distances, merge_reranked
+from searchsvc.rerank import fuse_distances, merge_reranked
 from searchsvc.training_data import (
     DataSplit,
     LabelledImage,
@@ -167,10 +167,8 @@ def rerank_order(distances: np.ndarray, stir_distances: np.ndarray, top_n: int) 
     )
 
 
-FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-"""Fusion weights tried by score calibration, in each fusion space (0: STIR alone, the
-paper's rule). In logit space a weight is the most the first stage may move a logit; STIR
-trains with 2 there (:attr:`trainer.stir.StirTrainConfig.residual_weight`)."""
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""Fusion weights tried by score calibration (0: STIR alone, the paper's rule)."""
 
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(N, S, S, 3)`` query pixels x ``(N, S, S, 3)`` candidate pixels -> ``(N,)`` distances."""
@@ -183,35 +181,21 @@ class Calibration:
     fusion_weight: float
     symmetric: bool
     rows: dict[str, float]
-    fusion_space: FusionSpace = "probability"
 
     def validation_metrics(self) -> dict[str, float]:
         """The rows plus the choices, as a validation function reports them to a trainer
-        (``fusion_weight``; ``symmetric`` and ``logit_fusion`` as 1.0 or 0.0)."""
+        (``fusion_weight``; ``symmetric`` as 1.0 or 0.0)."""
         return {
             **self.rows,
             "fusion_weight": self.fusion_weight,
             "symmetric": float(self.symmetric),
-            "logit_fusion": float(self.fusion_space == "logit"),
         }
-
-    def describe(self) -> str:
-        """``one way, logit fusion, weight 2``: the rule in words, for logs and reports."""
-        order = "symmetric" if self.symmetric else "one way"
-        return f"{order}, {self.fusion_space} fusion, weight {self.fusion_weight:g}"
 
 
 def best_calibration(options: Sequence[Calibration], metric: str = "cmc@1") -> Calibration:
     """The option that ranks best by ``metric``; a tie goes to one-way scoring (the same
-    ranking at half the pairs), then to probability-space fusion (the older rule)."""
-    return max(
-        options,
-        key=lambda option: (
-            option.rows[metric],
-            not option.symmetric,
-            option.fusion_space == "probability",
-        ),
-    )
+    ranking at half the pairs)."""
+    return max(options, key=lambda option: (option.rows[metric], not option.symmetric))
 
 
 def stir_distances(
@@ -366,15 +350,13 @@ class FirstStageResult:
         top_ns: Sequence[int] = TOP_NS,
         *,
         fusion_weight: float = 0.0,
-        fusion_space: FusionSpace = "probability",
     ) -> dict[str, dict[str, float]]:
         """Rows ``stir@<top_n>``: the ranking reranked by a pair scorer of ``size`` pixels,
-        its distances blended with the first stage's by ``fusion_weight`` in
-        ``fusion_space`` (:func:`searchsvc.rerank.fuse_distances`; 0: STIR alone)."""
+        its distances blended with the first stage's by ``fusion_weight``
+        (:func:`searchsvc.rerank.fuse_distances`; 0: STIR alone)."""
         widest = self.pair_distances(score_pairs, size, max(top_ns))
         return {
-            f"stir@{top_n}": self.rerank_metrics(widest, top_n, fusion_weight, fusion_space)
-            for top_n in top_ns
+            f"stir@{top_n}": self.rerank_metrics(widest, top_n, fusion_weight) for top_n in top_ns
         }
 
     def pair_distances(self, score_pairs: PairScorer, size: int, top_n: int) -> FloatArray:
@@ -395,12 +377,11 @@ class FirstStageResult:
         try_symmetric: bool = True,
     ) -> Calibration:
         """Score calibration: how a reranker's distances are used on this set. The best by
-        ``metric`` of every fusion weight in each fusion space
-        (:func:`searchsvc.rerank.fuse_distances`), with the pairs scored one way (query,
-        candidate) and, with ``try_symmetric``, also as the mean of both orders
-        (:attr:`StirConfig.symmetric`, twice the pairs at query time). Ties go to one-way
-        scoring, to probability space and to the larger weight (the cheaper, the older
-        and the safer choice: closer to the first stage's order)."""
+        ``metric`` of every fusion weight (:func:`searchsvc.rerank.fuse_distances`), with
+        the pairs scored one way (query, candidate) and, with ``try_symmetric``, also as the
+        mean of both orders (:attr:`StirConfig.symmetric`, twice the pairs at query time).
+        Ties go to one-way scoring and to the larger weight (the cheaper and the safer
+        choice: closer to the first stage's order)."""
         return best_calibration(
             self.calibration_options(
                 score_pairs,
@@ -423,39 +404,20 @@ class FirstStageResult:
         weights: Sequence[float] = FUSION_WEIGHTS,
         try_symmetric: bool = True,
     ) -> list[Calibration]:
-        """The best fusion weight in each fusion space for one-way scoring and (with
-        ``try_symmetric``) for symmetric scoring: one :class:`Calibration` each, one-way
-        first, probability space first."""
+        """The best fusion weight for one-way scoring and (``try_symmetric``) for
+        symmetric scoring: one :class:`Calibration` each, one-way first."""
         one_way = self.pair_distances(score_pairs, size, top_n)
-        orders = [(False, one_way)]
+        weight, rows = self.best_fusion(one_way, top_n, metric=metric, weights=weights)
+        options = [Calibration(weight, False, rows)]
         if try_symmetric:
             reverse = self.pair_distances(
                 lambda queries, candidates: score_pairs(candidates, queries), size, top_n
             )
-            orders.append((True, (one_way + reverse) / 2))
-        return [
-            self.calibration(
-                distances, top_n, symmetric=symmetric, space=space, metric=metric, weights=weights
+            weight, rows = self.best_fusion(
+                (one_way + reverse) / 2, top_n, metric=metric, weights=weights
             )
-            for symmetric, distances in orders
-            for space in FUSION_SPACES
-        ]
-
-    def calibration(
-        self,
-        pair_distances: np.ndarray,
-        top_n: int,
-        *,
-        symmetric: bool,
-        space: FusionSpace,
-        metric: str = "cmc@1",
-        weights: Sequence[float] = FUSION_WEIGHTS,
-    ) -> Calibration:
-        """The best weight for pair distances already computed, in one fusion space."""
-        weight, rows = self.best_fusion(
-            pair_distances, top_n, metric=metric, weights=weights, space=space
-        )
-        return Calibration(weight, symmetric, rows, space)
+            options.append(Calibration(weight, True, rows))
+        return options
 
     def best_fusion(
         self,
@@ -464,30 +426,23 @@ class FirstStageResult:
         *,
         metric: str = "cmc@1",
         weights: Sequence[float] = FUSION_WEIGHTS,
-        space: FusionSpace = "probability",
     ) -> tuple[float, dict[str, float]]:
-        """:meth:`calibrated` on pair distances already computed, in one fusion space."""
+        """:meth:`calibrated` on pair distances already computed."""
         best_weight, best_rows = 0.0, None
         for weight in sorted(weights):
-            rows = self.rerank_metrics(pair_distances, top_n, weight, space)
+            rows = self.rerank_metrics(pair_distances, top_n, weight)
             if best_rows is None or rows[metric] >= best_rows[metric]:
                 best_weight, best_rows = weight, rows
         assert best_rows is not None, "no fusion weights to try"
         return best_weight, best_rows
 
     def rerank_metrics(
-        self,
-        pair_distances: np.ndarray,
-        top_n: int,
-        fusion_weight: float = 0.0,
-        fusion_space: FusionSpace = "probability",
+        self, pair_distances: np.ndarray, top_n: int, fusion_weight: float = 0.0
     ) -> dict[str, float]:
         """The metrics after reranking the first ``top_n`` by (fused) pair distances
         (:meth:`pair_distances`, at least ``top_n`` wide)."""
         n = min(top_n, self.ranked.shape[1])
-        fused = fuse_distances(
-            self.distances[:, :n], pair_distances[:, :n], fusion_weight, fusion_space
-        )
+        fused = fuse_distances(self.distances[:, :n], pair_distances[:, :n], fusion_weight)
         order = rerank_order(self.distances, fused, n)
         reordered = np.take_along_axis(self.ranked, order, axis=1)
         return score(self.gallery_labels[reordered], self.query_labels, self.n_relevant).metrics
@@ -525,7 +480,6 @@ def evaluate(
                 stir.info.input_size,
                 top_ns,
                 fusion_weight=stir.info.fusion_weight,
-                fusion_space=stir.info.fusion_space,
             )
         )
     return EvalReport(
@@ -679,12 +633,7 @@ def evaluate_live(
         )
         for top_n in top_ns:
             n = min(top_n, width)
-            fused = fuse_distances(
-                distances[:, :n],
-                widest[:, :n],
-                scorer.info.fusion_weight,
-                scorer.info.fusion_space,
-            )
+            fused = fuse_distances(distances[:, :n], widest[:, :n], scorer.info.fusion_weight)
             order = rerank_order(distances, fused, n)
             rows[f"stir@{top_n}"] = score(
                 np.take_along_axis(labels, order, axis=1), query_labels, n_relevant

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -105,42 +105,25 @@ def merge_reranked(
     return MergeResult(order=order, distances=block_distances + first[top_n:])
 
 
-FusionSpace = Literal["probability", "logit"]
-FUSION_SPACES: tuple[FusionSpace, ...] = ("probability", "logit")
-
-LOGIT_CLIP = 1e-7
-"""STIR distances are float32 sigmoids: beyond ``1 - 1e-7`` they carry no more order, and
-their logit is taken at this bound (about +-16)."""
-
-
 def fuse_distances(
     first_stage_distances: np.ndarray | Sequence[float],
     stir_distances: np.ndarray | Sequence[float],
     weight: float,
-    space: FusionSpace = "probability",
 ) -> NDArray[np.float64]:
-    """Blend STIR distances with the first stage's, per query.
+    """Blend STIR distances with the first stage's, per query: ``(s + w * r) / (1 + w)``.
 
     ``r`` is each candidate's first-stage distance rescaled within its own query's block,
     ``(d - d_1) / (d_n - d_1)`` (0 when the block's distances are all equal), so the blend
-    does not depend on the embedder's distance scale. ``space`` says where ``r`` is added:
-
-    - ``"probability"``: to STIR's distance ``s`` (a sigmoid), ``(s + w * r) / (1 + w)``;
-    - ``"logit"``: to its logit, ``sigmoid(logit(s) + w * r)``. This is the sum STIR's
-      ranking loss trains (:func:`trainer.losses.group_listwise_loss` with the first stage
-      as its prior); a saturated ``s`` near 0 or 1 still moves with ``r`` there.
-
-    The result stays in ``[0, 1]`` and is what :func:`merge_reranked` sorts by.
-    ``weight = 0`` returns the STIR distances unchanged (the paper's rule); a large weight
-    keeps the first-stage order and lets STIR break near-ties only.
+    does not depend on the embedder's distance scale. The result stays in ``[0, 1]`` and
+    is what :func:`merge_reranked` sorts by. ``weight = 0`` returns the STIR distances
+    unchanged (the paper's rule); a large weight keeps the first-stage order and lets STIR
+    break near-ties only.
 
     Works on one query (``(n,)`` arrays) or many (``(Q, n)``); the first-stage block must be
     the first ``n`` first-stage distances, best first.
     """
     if weight < 0 or not math.isfinite(weight):
         raise ValueError(f"fusion weight must be finite and >= 0, got {weight}")
-    if space not in FUSION_SPACES:
-        raise ValueError(f"fusion space must be one of {FUSION_SPACES}, got {space!r}")
     first = np.asarray(first_stage_distances, dtype=np.float64)
     stir = np.asarray(stir_distances, dtype=np.float64)
     if first.shape != stir.shape or first.ndim not in (1, 2):
@@ -153,8 +136,4 @@ def fuse_distances(
     low, high = first[..., :1], first[..., -1:]
     span = high - low
     relative = np.divide(first - low, span, out=np.zeros_like(first), where=span > 0)
-    if space == "logit":
-        clipped = np.clip(stir, LOGIT_CLIP, 1.0 - LOGIT_CLIP)
-        logits = np.log(clipped) - np.log1p(-clipped)
-        return 1.0 / (1.0 + np.exp(-(logits + weight * relative)))
     return np.clip((stir + weight * relative) / (1 + weight), 0.0, 1.0)

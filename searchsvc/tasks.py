@@ -270,7 +270,7 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
         )
     distances = [float(d) for d in batcher.run([(query, c) for c in candidates])]
     if weight > 0 and first is not None:
-        distances = fuse_distances(first, distances, weight, scorer.info.fusion_space).tolist()
+        distances = fuse_distances(first, distances, weight).tolist()
     done = time.perf_counter()
     return RerankResponse(
         stir_version=version.id,

@@ -271,16 +271,10 @@ def test_calibration_scores_both_pair_orders_when_that_ranks_better() -> None:
     scorer = _table_scorer(names, one_way | reverse)
 
     options = result.calibration_options(scorer, 1, 3)
-    assert [(o.symmetric, o.fusion_space) for o in options] == [
-        (False, "probability"),
-        (False, "logit"),
-        (True, "probability"),
-        (True, "logit"),
-    ]
-    assert [o.rows["cmc@1"] for o in options] == [0.5, 0.5, 1.0, 1.0]
+    assert [o.symmetric for o in options] == [False, True]
+    assert options[0].rows["cmc@1"] == 0.5 and options[1].rows["cmc@1"] == 1.0
     chosen = result.calibrated(scorer, 1, 3)
     assert chosen.symmetric and chosen.fusion_weight == 0.25  # ties go to the larger weight
-    assert chosen.fusion_space == "probability"  # and to the older fusion rule
     assert chosen.validation_metrics()["symmetric"] == 1.0
     assert not result.calibrated(scorer, 1, 3, try_symmetric=False).symmetric
 
@@ -294,23 +288,3 @@ def test_calibration_keeps_one_way_scoring_when_both_orders_tie() -> None:
     assert chosen.rows["cmc@1"] == 1.0
     assert not chosen.symmetric  # the same ranking at half the pairs
     assert chosen.validation_metrics()["symmetric"] == 0.0
-
-
-def test_calibration_blends_in_logit_space_when_only_that_ranks_both_matches_first() -> None:
-    """Query 0: STIR wrongly prefers g3, which the first stage put last (relative 1): the
-    first stage must pull it down. Query 1: STIR is sure of both g3 and g2 (0.999, 0.99),
-    but its logits still rank the match g2 first by 2.3. Adding the first stage to the
-    probabilities fixes query 0 only at weights > 0.32 and query 1 only below 0.012;
-    adding it to the logits fixes both for weights in (1.32, 3.08)."""
-    result, names = _two_query_result([10, 11, 12, 13], [20, 21])
-    one_way = {("q0", "g1"): 0.9, ("q0", "g0"): 0.6, ("q0", "g3"): 0.3}
-    one_way |= {("q1", "g3"): 0.999, ("q1", "g2"): 0.99, ("q1", "g1"): 0.9999}
-    scorer = _table_scorer(names, one_way | {(c, q): d for (q, c), d in one_way.items()})
-    options = result.calibration_options(scorer, 1, 3, try_symmetric=False)
-    by_space = {o.fusion_space: o for o in options}
-    assert by_space["probability"].rows["cmc@1"] == 0.5
-    assert by_space["logit"].rows["cmc@1"] == 1.0 and by_space["logit"].fusion_weight == 2.0
-    chosen = result.calibrated(scorer, 1, 3)
-    assert (chosen.fusion_space, chosen.fusion_weight, chosen.symmetric) == ("logit", 2.0, False)
-    assert chosen.validation_metrics()["logit_fusion"] == 1.0
-    assert chosen.describe() == "one way, logit fusion, weight 2"

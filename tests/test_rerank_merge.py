@@ -177,29 +177,3 @@ def test_fusion_rejects_bad_input() -> None:
         fuse_distances([0.1, 0.2], [0.5, 0.5], -1.0)
     with pytest.raises(ValueError, match="shape"):
         fuse_distances([0.1, 0.2], [0.5], 1.0)
-
-
-def test_logit_space_fusion_adds_the_first_stage_to_stirs_logit() -> None:
-    # relative 0, 0.5, 1; w = 2: sigmoid(logit(s) + 2 r)
-    stir = np.array([0.5, 0.2, 0.9])
-    fused = fuse_distances([0.1, 0.2, 0.3], stir, 2.0, "logit")
-    logits = np.log(stir / (1 - stir)) + 2.0 * np.array([0.0, 0.5, 1.0])
-    assert fused == pytest.approx(1 / (1 + np.exp(-logits)))
-    assert fuse_distances([0.1, 0.2, 0.3], stir, 0.0, "logit").tolist() == stir.tolist()
-    # Two confident "different" verdicts (0.999 vs 0.99) keep their order in logit space
-    # against a first-stage gap that the probability blend lets win.
-    first, sure = [0.1, 0.4], [0.999, 0.99]
-    assert np.argmin(fuse_distances(first, sure, 1.0, "logit")) == 1
-    assert np.argmin(fuse_distances(first, sure, 1.0, "probability")) == 0
-    # saturated float32 sigmoids (exactly 0 or 1) stay finite and in [0, 1]
-    edge = fuse_distances([0.1, 0.2, 0.3], [0.0, 1.0, 1.0], 16.0, "logit")
-    assert np.isfinite(edge).all() and ((edge >= 0) & (edge <= 1)).all()
-    assert edge[1] < edge[2]  # at the bound, the first stage breaks the tie
-    assert merge_reranked(
-        FIRST, fuse_distances(FIRST[:5], [0.99, 0.5, 0.01, 0.3, 0.7], 1e6, "logit").tolist(), 5
-    ).order == list(range(7))
-
-
-def test_fusion_rejects_an_unknown_space() -> None:
-    with pytest.raises(ValueError, match="fusion space"):
-        fuse_distances([0.1, 0.2], [0.5, 0.5], 1.0, "rank")  # type: ignore[arg-type]

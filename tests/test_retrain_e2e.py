@@ -270,32 +270,18 @@ def test_stir_from_logged_feedback_is_gated_and_eval_reports_it(world: World) ->
     # one way and symmetric; a tie to one way), and the candidate file carries the choice.
     assert stage.train is not None
     scoring = stage.train["scoring"]
-    options = scoring["options"]
-    assert [(o["symmetric"], o["fusion_space"]) for o in options] == [
-        (False, "probability"),
-        (False, "logit"),
-        (True, "probability"),
-        (True, "logit"),
-    ]
-    # the best; ties to one way, then to probability space (the options' order)
-    best = max(
-        options,
-        key=lambda o: (o["cmc@1"], not o["symmetric"], o["fusion_space"] == "probability"),
-    )
-    assert (scoring["symmetric"], scoring["fusion_weight"], scoring["fusion_space"]) == (
+    one_way, both = scoring["options"]
+    assert (one_way["symmetric"], both["symmetric"]) == (False, True)
+    best = both if both["cmc@1"] > one_way["cmc@1"] else one_way
+    assert (scoring["symmetric"], scoring["fusion_weight"]) == (
         best["symmetric"],
         best["fusion_weight"],
-        best["fusion_space"],
     )
     with app.db.session() as session:
         version = session.get(ModelVersion, stage.candidate_version)
         assert version is not None
         stored = load_stir(Path(version.file)).config
-    assert (stored.symmetric, stored.fusion_weight, stored.fusion_space) == (
-        best["symmetric"],
-        best["fusion_weight"],
-        best["fusion_space"],
-    )
+    assert (stored.symmetric, stored.fusion_weight) == (best["symmetric"], best["fusion_weight"])
     active = active_version(app.db, ModelKind.STIR)
     assert (active is not None and active.id == stage.candidate_version) == stage.promoted
 

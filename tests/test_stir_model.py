@@ -407,14 +407,8 @@ def test_tiny_stir_learns_to_compare_and_reranks_a_true_match_first() -> None:
 
 
 def test_new_config_fields_round_trip_and_validate() -> None:
-    config = StirConfig(
-        spec=SPEC, positional="split", joint_blocks=2, fusion_weight=0.5, fusion_space="logit"
-    )
+    config = StirConfig(spec=SPEC, positional="split", joint_blocks=2, fusion_weight=0.5)
     assert StirConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
-    older = {k: v for k, v in config.to_json().items() if k != "fusion_space"}
-    assert StirConfig.from_json(older).fusion_space == "probability"  # files written before
-    with pytest.raises(ValueError, match="fusion_space"):
-        StirConfig(spec=SPEC, fusion_space="rank")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="split"):
         StirConfig(spec=SPEC, positional="interpolate", joint_blocks=2)
     with pytest.raises(ValueError, match="fusion_weight"):

@@ -466,7 +466,6 @@ def test_stir_trains_on_neighbour_groups_and_calibrates_its_scoring() -> None:
             "cmc@1": 0.5 + 0.1 * len(calls),
             "fusion_weight": float(len(calls)),
             "symmetric": float(len(calls) > 1),
-            "logit_fusion": float(len(calls) > 1),
         }
 
     net, result = train_stir(
@@ -481,5 +480,4 @@ def test_stir_trains_on_neighbour_groups_and_calibrates_its_scoring() -> None:
     # the last validation scored best: its calibrated weight travels with the model
     assert net.config.fusion_weight == float(len(calls)) and len(calls) >= 2
     assert net.config.symmetric  # and so does its choice of pair order
-    assert net.config.fusion_space == "logit"  # and of fusion space
     assert net.config.joint_blocks == 1  # the tiny backbone's whole depth (default: 2)

@@ -185,8 +185,6 @@ def epoch_line(name: str, entry: dict[str, Any], metric: str) -> str:
         parts.append(f"val {metric} {entry[metric]:.4f}")
     if entry.get("fusion_weight") is not None:
         parts.append(f"fusion weight {entry['fusion_weight']:g}")
-    if entry.get("logit_fusion"):
-        parts.append("logit space")
     if entry.get("symmetric"):
         parts.append("symmetric")
     return ", ".join(parts)

@@ -654,23 +654,22 @@ def _stir_stage(
             net, first_stage, top_n, device=settings.device, precision=settings.precision
         )
         log(
-            f"stir: scoring chosen on validation: {choice.describe()} (cmc@1 "
-            + "; ".join(f"{o.describe()}: {100 * o.rows['cmc@1']:.2f}" for o in options)
+            f"stir: scoring chosen on validation: "
+            f"{'symmetric' if choice.symmetric else 'one way'}, fusion weight "
+            f"{choice.fusion_weight:g} (cmc@1 "
+            + ", ".join(
+                f"{'symmetric' if o.symmetric else 'one way'} {100 * o.rows['cmc@1']:.2f}"
+                for o in options
+            )
             + ")"
         )
         outcome.train = _training_record(config, split, result, "stir", serving_net.spec, data)
         outcome.train["hard_negatives_used"] = int(len(negatives))
         outcome.train["scoring"] = {
             "fusion_weight": choice.fusion_weight,
-            "fusion_space": choice.fusion_space,
             "symmetric": choice.symmetric,
             "options": [
-                {
-                    "symmetric": o.symmetric,
-                    "fusion_weight": o.fusion_weight,
-                    "fusion_space": o.fusion_space,
-                    **o.rows,
-                }
+                {"symmetric": o.symmetric, "fusion_weight": o.fusion_weight, **o.rows}
                 for o in options
             ],
         }
@@ -690,7 +689,6 @@ def _stir_stage(
                 net.spec.input_size,
                 top_ns,
                 fusion_weight=net.config.fusion_weight,
-                fusion_space=net.config.fusion_space,
             ),
         }
         candidate = _report(first_stage, candidate_rows, {"stir": "candidate"})
@@ -705,7 +703,6 @@ def _stir_stage(
                     serving_scorer.info.input_size,
                     top_ns,
                     fusion_weight=serving_scorer.info.fusion_weight,
-                    fusion_space=serving_scorer.info.fusion_space,
                 ),
             }
             baseline = _report(first_stage, baseline_rows, {"stir": f"v{serving_stir.id}"})

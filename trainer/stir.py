@@ -534,14 +534,13 @@ def train_stir(
     set_frozen(net, False)
     if best is not None:
         net.load_state_dict(best)
-        # A validation that calibrates (returns "fusion_weight", "symmetric",
-        # "logit_fusion") decides how the reranker scores and blends in the first stage;
-        # the best epoch's choice travels in the STIR file.
+        # A validation that calibrates (returns "fusion_weight", "symmetric") decides how
+        # the reranker scores and blends in the first stage; the best epoch's choice travels
+        # in the STIR file.
         chosen = next(e for e in history if e["epoch"] == best_epoch)
         net.config = replace(
             net.config,
             fusion_weight=float(chosen.get("fusion_weight", 0.0)),
-            fusion_space="logit" if chosen.get("logit_fusion") else "probability",
             symmetric=bool(chosen.get("symmetric", net.config.symmetric)),
         )
     else:
@@ -569,7 +568,7 @@ def choose_scoring(
 ) -> tuple[Calibration, list[Calibration]]:
     """After training: how the trained STIR scores and blends, chosen on validation
     (``first_stage``: the embedder's ranking of it) and written into ``net.config``: the
-    fusion weight and space, and one-way or symmetric scoring. Returns the choice and every option.
+    fusion weight, and one-way or symmetric scoring. Returns the choice and every option.
 
     Done once, outside the training budget: scoring both orders at every validation
     doubled its cost (107 s of a 10-minute budget at 2,500 validation queries)."""
@@ -577,12 +576,7 @@ def choose_scoring(
     scorer = StirScorer(net, device=device, precision=precision)
     options = first_stage.calibration_options(scorer.score_pairs, net.spec.input_size, top_n)
     choice = best_calibration(options)
-    net.config = replace(
-        net.config,
-        fusion_weight=choice.fusion_weight,
-        fusion_space=choice.fusion_space,
-        symmetric=choice.symmetric,
-    )
+    net.config = replace(net.config, fusion_weight=choice.fusion_weight, symmetric=choice.symmetric)
     return choice, options
 
 

@@ -67,7 +67,6 @@ from searchsvc.models.runtime import (
     select_device,
 )
 from searchsvc.models.stem import apply_stem
-from searchsvc.rerank import FUSION_SPACES, FusionSpace
 
 STIR_KIND = "stir"
 Positional = Literal["interpolate", "split"]
@@ -93,9 +92,6 @@ class StirConfig:
     """How much of the first-stage distance the rerank blends into STIR's distance
     (:func:`searchsvc.rerank.fuse_distances`); 0 = the paper's rule, STIR alone. The
     trainer fits it on validation after training (score calibration)."""
-    fusion_space: FusionSpace = "probability"
-    """Where the first-stage distance is added: to STIR's distance or to its logit
-    (:func:`searchsvc.rerank.fuse_distances`); chosen with the weight."""
 
     def __post_init__(self) -> None:
         if self.positional not in _POSITIONAL:
@@ -109,10 +105,6 @@ class StirConfig:
                 raise ValueError("joint_blocks (late fusion) needs the 'split' positional scheme")
         if not (0.0 <= self.fusion_weight < float("inf")):
             raise ValueError(f"fusion_weight must be finite and >= 0, got {self.fusion_weight}")
-        if self.fusion_space not in FUSION_SPACES:
-            raise ValueError(
-                f"fusion_space must be one of {FUSION_SPACES}, got {self.fusion_space!r}"
-            )
         if self.head_hidden is not None and self.head_hidden < 1:
             raise ValueError(f"head_hidden must be positive, got {self.head_hidden}")
 
@@ -125,7 +117,6 @@ class StirConfig:
             "symmetric": self.symmetric,
             "joint_blocks": self.joint_blocks,
             "fusion_weight": self.fusion_weight,
-            "fusion_space": self.fusion_space,
         }
 
     @classmethod
@@ -139,8 +130,6 @@ class StirConfig:
             symmetric=bool(data.get("symmetric", False)),
             joint_blocks=None if data.get("joint_blocks") is None else int(data["joint_blocks"]),
             fusion_weight=float(data.get("fusion_weight", 0.0)),
-            # files written before fusion spaces blended probabilities
-            fusion_space=cast(FusionSpace, str(data.get("fusion_space", "probability"))),
         )
 
 
@@ -451,7 +440,6 @@ class StirInfo:
     symmetric: bool
     positional: str
     fusion_weight: float = 0.0
-    fusion_space: FusionSpace = "probability"
 
 
 class StirScorer:
@@ -477,7 +465,6 @@ class StirScorer:
             symmetric=net.config.symmetric,
             positional=net.config.positional,
             fusion_weight=net.config.fusion_weight,
-            fusion_space=net.config.fusion_space,
         )
 
     @classmethod
