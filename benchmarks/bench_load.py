@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from searchsvc.models.stir import StirConfig, StirNet, save_stir
 from searchsvc.reranking import StirRerankStage
 from searchsvc.search import SearchService
 from searchsvc.tasks import EMBED_TASK, EmbedRequest
+from workers.command import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,24 +50,7 @@ def start_worker(
     env: dict[str, str], queue: str, name: str, *extra: str
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "-Q",
-            queue,
-            "-n",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-l",
-            "warning",
-            *extra,
-        ],
+        worker_command(queue, name, *extra),
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,

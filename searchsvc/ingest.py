@@ -32,7 +32,7 @@ from searchsvc.catalog import (
 from searchsvc.config import Settings
 from searchsvc.db import Database, Image, ImageStatus, IngestRun, Product
 from searchsvc.db.models import utcnow
-from searchsvc.dispatch import EMBED_QUEUE, Dispatcher, TaskHandle, result_with_resends
+from searchsvc.dispatch import EMBED_QUEUE, Dispatcher, Payload, TaskHandle, result_with_resends
 from searchsvc.errors import BrokerError, ImageError, SearchsvcError
 from searchsvc.images import content_hash, read_image_bytes
 from searchsvc.index import IndexPoint, VectorIndex, point_id_for
@@ -101,7 +101,7 @@ class _Pending:
     handle: TaskHandle
     items: list[EmbedItem]
     old_points: dict[int, str | None]  # image id -> point to delete once replaced
-    payload: dict[str, Any]  # the request, to send again
+    payload: Payload  # the request, to send again
 
 
 class IngestCoordinator:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import redis
 
+from workers.command import worker_command
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -86,27 +88,9 @@ def start_worker(
     SEARCHSVC_HOME, so that a failing test leaves the workers' side of the story."""
     log_path = Path(env["SEARCHSVC_HOME"]).parent / f"worker-{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.celery_app",
-        "worker",
-        "-Q",
-        queue,
-        "--pool",
-        pool,
-        "--concurrency",
-        str(concurrency),
-        "-n",
-        f"{name}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-        "-l",
-        "info",
-    ]
+    command = worker_command(
+        queue, name, "--pool", pool, "--concurrency", str(concurrency), log_level="info"
+    )
     with log_path.open("ab") as log_file:
         return subprocess.Popen(
             command,
