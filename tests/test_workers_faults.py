@@ -32,7 +32,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def image_counts(home: Path) -> dict[str, int]:
-    db = Database(load_settings(env={"SEARCHSVC_HOME": str(home)}).sqlalchemy_url)
+    # No schema check: the poller must see the ingest's progress with as little delay as it
+    # can (the ingest created the schema).
+    db = Database(
+        load_settings(env={"SEARCHSVC_HOME": str(home)}).sqlalchemy_url, auto_migrate=False
+    )
     try:
         with db.session() as session:
             rows = session.execute(select(Image.status, func.count()).group_by(Image.status))
@@ -82,8 +86,10 @@ def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no
 
 
 def test_kill_9_of_an_embed_worker_mid_ingest(tmp_path: Path, redis_server: RedisServer) -> None:
-    catalog = make_catalog(tmp_path / "catalog", products=60, views=3)
-    total = 180
+    # Large enough that the ingest is still running when the poller sees its first
+    # results: a fast machine embedded 180 images in 1.1 s, before the test could act.
+    catalog = make_catalog(tmp_path / "catalog", products=300, views=3)
+    total = 900
     home = tmp_path / "home"
     env = cli_env(
         home,
@@ -157,7 +163,9 @@ def test_broker_down_fails_fast_then_ingest_resumes(
 def test_interrupted_ingest_finishes_the_rest_on_the_next_run(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    catalog = make_catalog(tmp_path / "catalog", products=60, views=3)
+    # See the kill test: the Ctrl-C must land while the ingest still runs.
+    catalog = make_catalog(tmp_path / "catalog", products=300, views=3)
+    total = 900
     home = tmp_path / "home"
     env = cli_env(home, {"SEARCHSVC_BROKER_URL": redis_server.url, "SEARCHSVC_BATCH_SIZE": "4"})
     worker = start_worker(env, "embed", "embed-a")
@@ -177,7 +185,7 @@ def test_interrupted_ingest_finishes_the_rest_on_the_next_run(
         assert code == 130, output
         assert "run the same command again" in output and "Traceback" not in output
         done_before = image_counts(home).get("indexed", 0)
-        assert 0 < done_before < 180
+        assert 0 < done_before < total, "the ingest finished before the Ctrl-C"
 
         code, output = finish(searchsvc(env, "ingest", str(catalog.root), "--json"))
     finally:
@@ -185,8 +193,8 @@ def test_interrupted_ingest_finishes_the_rest_on_the_next_run(
     assert code == 0, output
     summary = parse_json(output)
     assert summary["images_unchanged"] == done_before  # nothing indexed is redone
-    assert summary["images_embedded"] == 180 - done_before
-    assert_indexed_exactly_once(home, 180)
+    assert summary["images_embedded"] == total - done_before
+    assert_indexed_exactly_once(home, total)
 
 
 def test_poison_tasks_fail_once_and_do_not_block_the_queue(
