@@ -32,8 +32,8 @@ def peak_rss_mib() -> float:
 def run_bare(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
     import numpy as np
 
-    from searchsvc.config import load_settings
-    from searchsvc.images import load_pixels
+    from searchsvc.core.config import load_settings
+    from searchsvc.core.images import load_pixels
     from searchsvc.models.embedder import Embedder, new_embedding_net, profile_spec
 
     settings = load_settings(env={"SEARCHSVC_HOME": str(home)})
@@ -57,8 +57,8 @@ def run_bare(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
 
 def run_pipeline(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
     from searchsvc.app import App
-    from searchsvc.config import load_settings
-    from searchsvc.model_store import ensure_active_embedder
+    from searchsvc.core.config import load_settings
+    from searchsvc.jobs.model_store import ensure_active_embedder
 
     settings = load_settings(
         env={"SEARCHSVC_HOME": str(home)}, overrides={"batch_size": batch_size}
@@ -105,7 +105,7 @@ def main() -> None:
         child(args.child, args.catalog, args.home, args.batch_size)
         return
 
-    from searchsvc.datasets import write_demo_catalog
+    from searchsvc.learning.datasets import write_demo_catalog
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.workdir) as tmp:

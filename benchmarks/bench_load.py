@@ -31,16 +31,16 @@ import redis
 import torch
 
 from searchsvc.app import App
-from searchsvc.config import Settings, load_settings
-from searchsvc.datasets import write_demo_catalog
-from searchsvc.db import ModelKind
-from searchsvc.dispatch import EMBED_QUEUE, CeleryDispatcher
-from searchsvc.model_store import active_version, ensure_active_embedder, register_version
+from searchsvc.core.config import Settings, load_settings
+from searchsvc.jobs.dispatch import EMBED_QUEUE, CeleryDispatcher
+from searchsvc.jobs.model_store import active_version, ensure_active_embedder, register_version
+from searchsvc.jobs.tasks import EMBED_TASK, EmbedRequest
+from searchsvc.learning.datasets import write_demo_catalog
 from searchsvc.models.embedder import load_embedding_net
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
-from searchsvc.reranking import StirRerankStage
-from searchsvc.search import SearchService
-from searchsvc.tasks import EMBED_TASK, EmbedRequest
+from searchsvc.serving.rerank_stage import StirRerankStage
+from searchsvc.serving.search import SearchService
+from searchsvc.storage.db import ModelKind
 from workers.command import worker_command
 
 REPO = Path(__file__).resolve().parent.parent

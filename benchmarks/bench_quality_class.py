@@ -15,8 +15,8 @@ Gallery and training data: the 60,000 training images; queries: the 10,000 test 
   relevant item first (the ceiling of any reranker of that depth: its CMC@1 is the first
   stage's CMC@top_n).
 
-Ranking, reranking and metrics are the product's (:mod:`searchsvc.evaluation`,
-:mod:`searchsvc.metrics`); the first stage is run in chunks of queries to bound memory.
+Ranking, reranking and metrics are the product's (:mod:`searchsvc.learning.evaluation`,
+:mod:`searchsvc.learning.metrics`); the first stage is run in chunks of queries to bound memory.
 
 Validation: ``--val-size`` training images are held out of training (they stay in the
 test gallery) and query the other training images, as the test images do. STIR is
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from searchsvc.evaluation import (  # noqa: E402
+from searchsvc.learning.evaluation import (  # noqa: E402
     KS,
     REPORTED,
     TOP_NS,
@@ -65,6 +65,8 @@ from searchsvc.evaluation import (  # noqa: E402
     rerank_order,
     score,
 )
+from searchsvc.learning.promotion import Gate, decide  # noqa: E402
+from searchsvc.learning.training_data import LabelledImage, PixelLoader, load_size_for  # noqa: E402
 from searchsvc.models.embedder import (  # noqa: E402
     Embedder,
     EmbedderInfo,
@@ -72,8 +74,6 @@ from searchsvc.models.embedder import (  # noqa: E402
     profile_spec,
 )
 from searchsvc.models.stir import StirScorer  # noqa: E402
-from searchsvc.promotion import Gate, decide  # noqa: E402
-from searchsvc.training_data import LabelledImage, PixelLoader, load_size_for  # noqa: E402
 from trainer.augment import resize_pixels  # noqa: E402
 from trainer.data import TrainSet  # noqa: E402
 from trainer.embedder import EmbedderTrainConfig, train_embedder  # noqa: E402
@@ -215,7 +215,7 @@ def rank_chunked(
     chunk: int = 1000,
     gallery_vectors: np.ndarray | None = None,
 ) -> FirstStageResult:
-    """:func:`searchsvc.evaluation.rank_eval_set` with the exact brute-force search run on
+    """:func:`searchsvc.learning.evaluation.rank_eval_set` with the exact brute-force search run on
     ``chunk`` queries at a time (a 10k x 60k float64 distance matrix would be 4.8 GB)."""
     size = embedder.info.input_size
     gallery_px, query_px = eval_set.pixels(size)
@@ -578,7 +578,7 @@ def timed(timings: dict[str, float], name: str) -> Callable[[], None]:
 
 
 def main() -> None:
-    from searchsvc.datasets import load_fashion_mnist
+    from searchsvc.learning.datasets import load_fashion_mnist
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common_arguments(parser, embedder_minutes=14.0, stir_minutes=6.0)

@@ -1,8 +1,8 @@
 """Retrieval quality at the INSTANCE level: "same product, new photo".
 
 Products are real Fashion-MNIST articles; each gets ``--photos`` photos made by
-:func:`searchsvc.datasets.make_view` (crop, rotation, shift, lighting, blur, noise; the
-default :class:`~searchsvc.datasets.ViewParams`, seeded per article). Training products
+:func:`searchsvc.learning.datasets.make_view` (crop, rotation, shift, lighting, blur, noise; the
+default :class:`~searchsvc.learning.datasets.ViewParams`, seeded per article). Training products
 come from the TRAIN split, test products from the TEST split (disjoint articles); a part of
 the training products (``--val-products``) is held out of training for model selection
 (validation CMC@1 after every epoch, SOP protocol among themselves).
@@ -13,8 +13,8 @@ The comparison (raw pixels, the embedder, embedder + STIR at top_n 5 and 10, the
 reranker of the top 5 / 10) and its machinery are those of ``bench_quality_class.py``:
 training through :func:`trainer.embedder.train_embedder` and
 :func:`trainer.stir.train_stir` (default configs, ``--embedder-minutes`` and
-``--stir-minutes``), ranking, reranking and metrics through :mod:`searchsvc.evaluation`
-and :mod:`searchsvc.metrics`; STIR's fusion weight is calibrated on the validation
+``--stir-minutes``), ranking, reranking and metrics through :mod:`searchsvc.learning.evaluation`
+and :mod:`searchsvc.learning.metrics`; STIR's fusion weight is calibrated on the validation
 products, and the report carries the gate's verdict there.
 
 Usage::
@@ -50,9 +50,9 @@ from bench_quality_class import (  # noqa: E402
     write_outputs,
 )
 
-from searchsvc.datasets import ViewParams, load_fashion_mnist, make_view  # noqa: E402
+from searchsvc.learning.datasets import ViewParams, load_fashion_mnist, make_view  # noqa: E402
+from searchsvc.learning.training_data import load_size_for  # noqa: E402
 from searchsvc.models.embedder import profile_spec  # noqa: E402
-from searchsvc.training_data import load_size_for  # noqa: E402
 from trainer.augment import resize_pixels  # noqa: E402
 from trainer.data import TrainSet  # noqa: E402
 from trainer.embedder import EmbedderTrainConfig  # noqa: E402
@@ -185,7 +185,9 @@ def main() -> None:
     )
     settings = {
         "level": "instance (same product, new photo)",
-        "dataset": "Fashion-MNIST articles as products; photos by searchsvc.datasets.make_view",
+        "dataset": (
+            "Fashion-MNIST articles as products; photos by searchsvc.learning.datasets.make_view"
+        ),
         "relevance": "same product",
         "protocol": "SOP: every test photo queries the others, itself excluded",
         "train_products_from": "train split",

@@ -6,7 +6,7 @@ On one ingested demo catalog (small profile) with an untrained small STIR (speed
 depend on the weights), in one run:
 
 1. bare: ``StirScorer.score`` on pixels already in memory, one query's top_n per call;
-2. task: ``searchsvc.tasks.rerank`` on the same pairs: base64 query pixels in, candidate
+2. task: ``searchsvc.jobs.tasks.rerank`` on the same pairs: base64 query pixels in, candidate
    pixels read from the pixel store, the micro-batcher hop; with the share spent loading;
 3. 8 concurrent clients: each sends its queries' rerank tasks one after another, with the
    cross-query batcher on (requests that wait together share one forward) and off
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 from searchsvc.app import App
-from searchsvc.batcher import MicroBatcher
-from searchsvc.config import load_settings
-from searchsvc.datasets import write_demo_catalog
-from searchsvc.db import Image, ModelKind
-from searchsvc.model_store import active_version, register_version
+from searchsvc.core.config import load_settings
+from searchsvc.jobs.model_store import active_version, register_version
+from searchsvc.jobs.tasks import RerankRequest, encode_pixels, rerank
+from searchsvc.learning.datasets import write_demo_catalog
+from searchsvc.models.batcher import MicroBatcher
 from searchsvc.models.embedder import load_embedding_net
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
-from searchsvc.pixels import PixelStore
-from searchsvc.tasks import RerankRequest, encode_pixels, rerank
+from searchsvc.storage.db import Image, ModelKind
+from searchsvc.storage.pixels import PixelStore
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -21,7 +21,7 @@ import torch
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet, StirScorer
-from searchsvc.pixels import PixelStore
+from searchsvc.storage.pixels import PixelStore
 
 
 def main() -> None:

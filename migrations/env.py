@@ -1,11 +1,11 @@
 """Alembic environment for searchsvc.
 
-Run by :class:`searchsvc.db.Database` (which passes its URL, and an open connection, in
+Run by :class:`searchsvc.storage.db.Database` (which passes its URL, and an open connection, in
 ``config.attributes``) and by the ``alembic`` command line with ``alembic.ini`` (URL from
 ``SEARCHSVC_DATABASE_URL``, else ``sqlalchemy.url`` in the ini file, else the default SQLite
 file ``$SEARCHSVC_HOME/searchsvc.db``).
 
-Every online migration runs inside :func:`searchsvc.db.session.migration_transaction`: one
+Every online migration runs inside :func:`searchsvc.storage.db.session.migration_transaction`: one
 transaction, serialized against concurrent migrations (PostgreSQL advisory lock, SQLite
 ``BEGIN IMMEDIATE``), with SQLite foreign keys off while tables are rebuilt.
 """
@@ -20,9 +20,9 @@ from typing import Any
 from alembic import context
 from sqlalchemy import URL, Connection
 
-from searchsvc.config import Settings
-from searchsvc.db.models import Base
-from searchsvc.db.session import (
+from searchsvc.core.config import Settings
+from searchsvc.storage.db.schema import Base
+from searchsvc.storage.db.session import (
     create_engine_for_url,
     migration_transaction,
     normalize_url,

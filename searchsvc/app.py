@@ -12,18 +12,18 @@ from typing import Any
 import torch
 from sqlalchemy import func, select
 
-from searchsvc.config import Settings
-from searchsvc.db import Database, Image, IngestRun, ModelKind, ModelVersion, Product
-from searchsvc.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
+from searchsvc.core.config import Settings
 from searchsvc.index import VectorIndex, open_index
-from searchsvc.ingest import IngestCoordinator, IngestSummary, ProgressCallback
-from searchsvc.model_store import ModelCache, ensure_active_embedder
+from searchsvc.jobs.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
+from searchsvc.jobs.ingest import IngestCoordinator, IngestSummary, ProgressCallback
+from searchsvc.jobs.model_store import ModelCache, ensure_active_embedder
+from searchsvc.jobs.tasks import TaskContext, task_functions
 from searchsvc.models.embedder import embedder_dim
 from searchsvc.models.runtime import select_device
-from searchsvc.pixels import PixelStore
-from searchsvc.reranking import StirRerankStage
-from searchsvc.search import RerankStage, SearchService
-from searchsvc.tasks import TaskContext, task_functions
+from searchsvc.serving.rerank_stage import StirRerankStage
+from searchsvc.serving.search import RerankStage, SearchService
+from searchsvc.storage.db import Database, Image, IngestRun, ModelKind, ModelVersion, Product
+from searchsvc.storage.pixels import PixelStore
 
 
 class App:
@@ -41,13 +41,13 @@ class App:
     @property
     def index(self) -> VectorIndex:
         if self._index is None:
-            self._index = open_index(self.settings)
+            self._index = open_index(self.settings, "read")
         return self._index
 
     def _index_for_writing(self) -> VectorIndex:
         """The index, waiting for another writer (an ingest) to release an embedded store."""
         if self._index is None:
-            self._index = open_index(self.settings, wait_s=self.settings.index_lock_wait_s)
+            self._index = open_index(self.settings, "write")
         return self._index
 
     def task_context(self) -> TaskContext:

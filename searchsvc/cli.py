@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import click
 
-from searchsvc.config import Settings, load_settings
-from searchsvc.errors import SearchsvcError
+from searchsvc.core.config import Settings, load_settings
+from searchsvc.core.errors import SearchsvcError
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_ERROR = 1
@@ -90,7 +90,7 @@ def ingest(
     CATALOG is a folder with one sub-folder of images per product (named by product id)
     and an optional products.csv or products.jsonl. Re-running skips unchanged images.
     """
-    from searchsvc.catalog import count_image_files, open_catalog
+    from searchsvc.storage.catalog import count_image_files, open_catalog
 
     settings = _settings(ctx, batch_size=batch_size)
     open_catalog(catalog)
@@ -186,7 +186,7 @@ def query(
     as_json: bool,
 ) -> None:
     """Find the products that match the photo IMAGE, best first."""
-    from searchsvc.images import read_image_bytes
+    from searchsvc.core.images import read_image_bytes
 
     settings = _settings(ctx)
     wanted = _parse_filters(filters)
@@ -247,8 +247,8 @@ def query(
 @handle_errors
 def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool) -> None:
     """Record that PRODUCT_ID was the right (or, with --negative, a wrong) answer to QUERY_ID."""
-    from searchsvc.db import Database
-    from searchsvc.search import record_feedback
+    from searchsvc.serving.search import record_feedback
+    from searchsvc.storage.db import Database
 
     settings = _settings(ctx)
     db = Database(settings.sqlalchemy_url)
@@ -310,7 +310,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: bool) -> None:
     """Retrieval quality of the serving models: CMC@1/5/10, precision@5, mAP@5/10, for the
     embedder alone and with the active STIR reranking the top 5 and 10 (STIR.md metrics)."""
-    from searchsvc import evaluation
+    from searchsvc.learning import evaluation
 
     settings = _settings(ctx)
     record: dict[str, Any]
@@ -323,8 +323,8 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
             app.close()
         record = {"source": "live index", "queries": str(queries)}
     else:
-        from searchsvc.db import Database
-        from searchsvc.pixels import PixelStore
+        from searchsvc.storage.db import Database
+        from searchsvc.storage.pixels import PixelStore
 
         database = Database(settings.sqlalchemy_url)
         pixel_store = PixelStore(settings.media_dir)
@@ -359,7 +359,7 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
 def demo_catalog(ctx: click.Context, out: Path, products: int, views: int, seed: int) -> None:
     """Write a demo catalog of real Fashion-MNIST articles to OUT/catalog, with held-out
     query photos in OUT/queries (each photo a seeded camera change of the article)."""
-    from searchsvc.datasets import write_demo_catalog
+    from searchsvc.learning.datasets import write_demo_catalog
 
     settings = _settings(ctx)
     catalog, queries = write_demo_catalog(
@@ -382,7 +382,7 @@ def model_list(ctx: click.Context, as_json: bool) -> None:
     """Every model version, newest first."""
     from sqlalchemy import select
 
-    from searchsvc.db import Database, ModelVersion
+    from searchsvc.storage.db import Database, ModelVersion
 
     database = Database(_settings(ctx).sqlalchemy_url)
     try:
@@ -420,8 +420,8 @@ def model_add(ctx: click.Context, kind: str, file: Path, activate: bool, notes: 
     """Register a model FILE (safetensors, its JSON config beside it) as a new version.
 
     Embedders enter through the retrain, which fills their collection before the switch."""
-    from searchsvc.db import Database, ModelKind
-    from searchsvc.model_store import register_version
+    from searchsvc.jobs.model_store import register_version
+    from searchsvc.storage.db import Database, ModelKind
 
     settings = _settings(ctx)
     database = Database(settings.sqlalchemy_url)
@@ -440,8 +440,8 @@ def model_add(ctx: click.Context, kind: str, file: Path, activate: bool, notes: 
 @handle_errors
 def model_activate(ctx: click.Context, version: int) -> None:
     """Make reranker VERSION the active one (no restart: workers reload it)."""
-    from searchsvc.db import Database, ModelKind, ModelVersion
-    from searchsvc.model_store import activate_version
+    from searchsvc.jobs.model_store import activate_version
+    from searchsvc.storage.db import Database, ModelKind, ModelVersion
 
     database = Database(_settings(ctx).sqlalchemy_url)
     try:
@@ -463,8 +463,8 @@ def model_activate(ctx: click.Context, version: int) -> None:
 @handle_errors
 def model_deactivate(ctx: click.Context) -> None:
     """Serve queries by the first stage alone until a reranker is activated again."""
-    from searchsvc.db import Database, ModelKind
-    from searchsvc.model_store import deactivate_kind
+    from searchsvc.jobs.model_store import deactivate_kind
+    from searchsvc.storage.db import Database, ModelKind
 
     database = Database(_settings(ctx).sqlalchemy_url)
     try:
@@ -485,7 +485,7 @@ def db() -> None:
 @handle_errors
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Migrate the database to REVISION (also done automatically on first use)."""
-    from searchsvc.db import Database
+    from searchsvc.storage.db import Database
 
     settings = _settings(ctx)
     database = Database(settings.sqlalchemy_url, auto_migrate=False)
@@ -501,7 +501,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 @handle_errors
 def db_current(ctx: click.Context) -> None:
     """Print the database's current migration revision."""
-    from searchsvc.db import Database
+    from searchsvc.storage.db import Database
 
     settings = _settings(ctx)
     database = Database(settings.sqlalchemy_url, auto_migrate=False)

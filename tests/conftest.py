@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the catalog factory helpers
 
 from catalog_factory import GeneratedCatalog, make_catalog  # noqa: E402
 
-from searchsvc.config import Settings, load_settings  # noqa: E402
+from searchsvc.core.config import Settings, load_settings  # noqa: E402
 
 
 @pytest.fixture

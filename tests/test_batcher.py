@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from searchsvc.batcher import MicroBatcher
+from searchsvc.models.batcher import MicroBatcher
 
 
 def test_each_caller_gets_its_own_slice_in_order() -> None:

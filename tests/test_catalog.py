@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from searchsvc.catalog import (
+from searchsvc.core.errors import CatalogError
+from searchsvc.storage.catalog import (
     CatalogImage,
     CatalogProblem,
     ProductRecord,
@@ -16,7 +17,6 @@ from searchsvc.catalog import (
     iter_metadata,
     open_catalog,
 )
-from searchsvc.errors import CatalogError
 
 
 def records(items: list[ProductRecord | CatalogProblem]) -> list[ProductRecord]:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from searchsvc.config import ENV_PREFIX, Settings, load_settings
+from searchsvc.core.config import ENV_PREFIX, Settings, load_settings
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 APP_SERVICES = ("migrate", "embed-worker", "rerank-worker", "cli")

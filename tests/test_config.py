@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from searchsvc.config import Settings, load_settings
-from searchsvc.errors import ConfigError
+from searchsvc.core.config import Settings, load_settings
+from searchsvc.core.errors import ConfigError
 
 
 @pytest.fixture

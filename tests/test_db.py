@@ -1,4 +1,4 @@
-"""searchsvc.db: migrations, schema equality with the ORM, sessions and errors.
+"""searchsvc.storage.db: migrations, schema equality with the ORM, sessions and errors.
 
 Each test that takes ``backend`` runs on SQLite (a file under ``tmp_path``) and on the
 PostgreSQL server named by ``SEARCHSVC_TEST_POSTGRES_URL`` (default: the local ``test``
@@ -25,7 +25,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.pool import NullPool
 
-from searchsvc.db import (
+from searchsvc.core.errors import DatabaseError, SearchsvcError
+from searchsvc.storage.db import (
     Base,
     Database,
     Image,
@@ -35,8 +36,7 @@ from searchsvc.db import (
     Product,
     QueryLog,
 )
-from searchsvc.db.session import migrations_dir, normalize_url, redact_url
-from searchsvc.errors import DatabaseError, SearchsvcError
+from searchsvc.storage.db.session import migrations_dir, normalize_url, redact_url
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ENV = "SEARCHSVC_TEST_POSTGRES_URL"
@@ -285,7 +285,7 @@ def test_concurrent_first_use_by_several_processes(backend: str, new_url) -> Non
     code = textwrap.dedent(
         f"""
         import time
-        from searchsvc.db import Database
+        from searchsvc.storage.db import Database
         time.sleep(max(0.0, {start_at!r} - time.time()))
         db = Database({url!r})
         print(db.current_revision())

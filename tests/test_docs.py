@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from searchsvc.config import ENV_PREFIX, Settings
+from searchsvc.core.config import ENV_PREFIX, Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

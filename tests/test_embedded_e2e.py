@@ -16,10 +16,10 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from searchsvc.cli import main
-from searchsvc.config import load_settings
-from searchsvc.db import Database, Feedback, ImageStatus, QueryLog
-from searchsvc.db import Image as ImageRow
+from searchsvc.core.config import load_settings
 from searchsvc.index import EdgeIndex
+from searchsvc.storage.db import Database, Feedback, ImageStatus, QueryLog
+from searchsvc.storage.db import Image as ImageRow
 
 
 def run(*args: str, ok: bool = True) -> Result:
@@ -269,8 +269,8 @@ def test_db_upgrade_command(env_home: Path) -> None:
 
 
 def test_demo_catalog_and_counts(env_home: Path, tmp_path: Path) -> None:
-    pytest.importorskip("searchsvc.datasets")
-    from searchsvc.datasets import DEBIAN_DIR
+    pytest.importorskip("searchsvc.learning.datasets")
+    from searchsvc.learning.datasets import DEBIAN_DIR
 
     if not (DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist not installed")

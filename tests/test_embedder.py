@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 from searchsvc.models.checkpoint import config_path_for, load_checkpoint, save_checkpoint
 from searchsvc.models.embedder import (
     Embedder,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from searchsvc.errors import SearchsvcError
-from searchsvc.evaluation import (
+from searchsvc.core.errors import SearchsvcError
+from searchsvc.learning.evaluation import (
     FUSION_WEIGHTS,
     REPORTED,
     EvalReport,
@@ -26,11 +26,11 @@ from searchsvc.evaluation import (
     rerank_order,
     score,
 )
-from searchsvc.metrics import ranked_indices, retrieval_metrics, self_excluded_relevance
+from searchsvc.learning.metrics import ranked_indices, retrieval_metrics, self_excluded_relevance
+from searchsvc.learning.promotion import Gate, decide
+from searchsvc.learning.training_data import LabelledImage, PixelLoader
 from searchsvc.models.embedder import Embedder, EmbeddingNet
 from searchsvc.models.profiles import PROFILES
-from searchsvc.promotion import Gate, decide
-from searchsvc.training_data import LabelledImage, PixelLoader
 
 
 def unit(angles_deg: list[float]) -> np.ndarray:

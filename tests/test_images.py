@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from searchsvc.errors import ImageError
-from searchsvc.images import (
+from searchsvc.core.errors import ImageError
+from searchsvc.core.images import (
     _to_rgb,
     content_hash,
     decode_image,

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from searchsvc.config import Settings
-from searchsvc.errors import IndexBackendError
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import IndexBackendError
 from searchsvc.index import (
     EdgeIndex,
     IndexPoint,
@@ -355,7 +355,7 @@ def test_edge_rejects_names_outside_its_root(tmp_path: Path) -> None:
 _OPEN_IN_CHILD = """
 import sys
 from pathlib import Path
-from searchsvc.errors import IndexBackendError
+from searchsvc.core.errors import IndexBackendError
 from searchsvc.index import EdgeIndex
 try:
     EdgeIndex(Path(sys.argv[1])).close()
@@ -427,7 +427,7 @@ def test_server_unreachable_url_is_named() -> None:
 
 
 def test_open_index_picks_backend_from_settings(tmp_path: Path) -> None:
-    index = open_index(Settings(home=tmp_path))
+    index = open_index(Settings(home=tmp_path), "read")
     try:
         assert isinstance(index, EdgeIndex)
         assert index.root == tmp_path / "qdrant"
@@ -435,4 +435,4 @@ def test_open_index_picks_backend_from_settings(tmp_path: Path) -> None:
         index.close()
     url = "http://127.0.0.1:9"
     with pytest.raises(IndexBackendError, match=r"127\.0\.0\.1:9"):
-        open_index(Settings(home=tmp_path, qdrant_url=url))
+        open_index(Settings(home=tmp_path, qdrant_url=url), "read")

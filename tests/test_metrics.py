@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from searchsvc.metrics import (
+from searchsvc.learning.metrics import (
     cmc_at_k,
     map_at_k,
     metrics_for_labels,

@@ -8,10 +8,9 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from searchsvc.config import Settings
-from searchsvc.db import Database, ModelKind, ModelVersion
-from searchsvc.errors import ModelError
-from searchsvc.model_store import (
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import ModelError
+from searchsvc.jobs.model_store import (
     ModelCache,
     activate_version,
     active_version,
@@ -21,6 +20,7 @@ from searchsvc.model_store import (
 from searchsvc.models.embedder import load_embedding_net, new_embedding_net, save_embedder
 from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
+from searchsvc.storage.db import Database, ModelKind, ModelVersion
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from searchsvc.errors import ImageError
-from searchsvc.images import content_hash
-from searchsvc.pixels import PixelStore
+from searchsvc.core.errors import ImageError
+from searchsvc.core.images import content_hash
+from searchsvc.storage.pixels import PixelStore
 
 HASH = content_hash(b"some image")
 

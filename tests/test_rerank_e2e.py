@@ -18,14 +18,14 @@ from PIL import Image
 from sqlalchemy import select
 
 from searchsvc.cli import main
-from searchsvc.config import load_settings
-from searchsvc.db import Database, QueryLog
-from searchsvc.db import Image as ImageRow
-from searchsvc.images import load_pixels
+from searchsvc.core.config import load_settings
+from searchsvc.core.images import load_pixels
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet, load_stir, save_stir
-from searchsvc.pixels import PixelStore
+from searchsvc.storage.db import Database, QueryLog
+from searchsvc.storage.db import Image as ImageRow
+from searchsvc.storage.pixels import PixelStore
 
 S = PROFILES["small"].input_size
 TRUE, DECOY = "p001", "p002"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from searchsvc.rerank import MergeResult, fuse_distances, merge_reranked, validate_top_n
+from searchsvc.models.fusion import MergeResult, fuse_distances, merge_reranked, validate_top_n
 
 FIRST = [0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70]
 

@@ -22,16 +22,16 @@ from sqlalchemy import select
 import trainer.retrain as retrain_module
 from searchsvc.app import App
 from searchsvc.cli import main as searchsvc_main
-from searchsvc.config import Settings, load_settings
-from searchsvc.datasets import DEBIAN_DIR, write_demo_catalog
-from searchsvc.db import Image, ModelKind, ModelVersion
-from searchsvc.evaluation import evaluate_live, load_query_set
-from searchsvc.model_store import active_version, register_version
+from searchsvc.core.config import Settings, load_settings
+from searchsvc.jobs.model_store import active_version, register_version
+from searchsvc.learning.datasets import DEBIAN_DIR, write_demo_catalog
+from searchsvc.learning.evaluation import evaluate_live, load_query_set
+from searchsvc.learning.promotion import promote_embedder
 from searchsvc.models.embedder import new_embedding_net, save_embedder
 from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import load_stir
-from searchsvc.promotion import promote_embedder
-from searchsvc.search import record_feedback
+from searchsvc.serving.search import record_feedback
+from searchsvc.storage.db import Image, ModelKind, ModelVersion
 from trainer.retrain import RetrainConfig, RetrainReport, retrain
 from trainer.retrain import main as retrain_main
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 from searchsvc.models.embedder import EmbeddingNet, load_embedding_net, save_embedder
 from searchsvc.models.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.stem import conv_stem

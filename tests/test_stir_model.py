@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 from searchsvc.models import stir as stir_module
 from searchsvc.models.embedder import EmbeddingNet, save_embedder
+from searchsvc.models.fusion import merge_reranked
 from searchsvc.models.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.stir import (
     StirConfig,
@@ -26,7 +27,6 @@ from searchsvc.models.stir import (
     resample_pos_grid,
     save_stir,
 )
-from searchsvc.rerank import merge_reranked
 
 SPEC = PROFILES["small"]  # 32x32 images, 4x4 patches: 8x8 grid per image, width 128
 S = SPEC.input_size

@@ -12,9 +12,8 @@ from catalog_factory import GeneratedCatalog
 from sqlalchemy import select
 
 from searchsvc.app import App
-from searchsvc.config import load_settings
-from searchsvc.db import Image, ImageStatus
-from searchsvc.dispatch import (
+from searchsvc.core.config import load_settings
+from searchsvc.jobs.dispatch import (
     MAX_RESENDS,
     Dispatcher,
     Payload,
@@ -22,6 +21,7 @@ from searchsvc.dispatch import (
     TaskHandle,
     result_with_resends,
 )
+from searchsvc.storage.db import Image, ImageStatus
 
 
 class FakeClock:

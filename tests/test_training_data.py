@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from searchsvc.config import Settings
-from searchsvc.db import Database, Feedback, Image, ImageStatus, Product, QueryLog
-from searchsvc.errors import SearchsvcError
-from searchsvc.pixels import PixelStore
-from searchsvc.training_data import (
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import SearchsvcError
+from searchsvc.learning.training_data import (
     PixelLoader,
     load_size_for,
     load_training_data,
@@ -21,6 +19,8 @@ from searchsvc.training_data import (
     split_data,
     split_of,
 )
+from searchsvc.storage.db import Database, Feedback, Image, ImageStatus, Product, QueryLog
+from searchsvc.storage.pixels import PixelStore
 
 
 def _photo(path: Path, value: int) -> Path:

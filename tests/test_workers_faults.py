@@ -18,9 +18,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from workers_harness import RedisServer, cli_env, searchsvc, start_worker, stop
 
-from searchsvc.config import load_settings
-from searchsvc.db import Database, Image, ImageStatus
+from searchsvc.core.config import load_settings
 from searchsvc.index import EdgeIndex
+from searchsvc.storage.db import Database, Image, ImageStatus
 
 pytestmark = pytest.mark.slow
 

@@ -137,7 +137,7 @@ def useful_anchors(neighbours: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def relative_distances(distances: np.ndarray) -> np.ndarray:
     """Per row, ``(d - d_first) / (d_last - d_first)`` (0 where the row is flat): the
-    first-stage signal that :func:`searchsvc.rerank.fuse_distances` blends in."""
+    first-stage signal that :func:`searchsvc.models.fusion.fuse_distances` blends in."""
     d = np.asarray(distances, dtype=np.float64)
     low, span = d[:, :1], d[:, -1:] - d[:, :1]
     return np.divide(d - low, span, out=np.zeros_like(d), where=span > 0)

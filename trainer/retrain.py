@@ -1,9 +1,9 @@
 """The learning loop: ``python -m trainer.retrain``.
 
 Reads the catalog, the logged queries and the feedback from the DB, splits them by product
-(:mod:`searchsvc.training_data`), trains a new embedder and a new STIR, evaluates them
-against the serving models on the same validation split (:mod:`searchsvc.evaluation`), and
-promotes only what wins (:mod:`searchsvc.promotion`): a new embedder is re-embedded into a
+(:mod:`searchsvc.learning.training_data`), trains a new embedder and a new STIR, evaluates them
+against the serving models on the same validation split (:mod:`searchsvc.learning.evaluation`), and
+promotes only what wins (:mod:`searchsvc.learning.promotion`): a new embedder is re-embedded into a
 new collection and switched to in one alias move, with queries served by the old models
 throughout; a new STIR is switched to by activating it.
 
@@ -18,7 +18,7 @@ a time): training and evaluation read the DB and the image files.
 Benchmarks call :func:`retrain` with their own settings (their own home, DB and catalog),
 budgets and :class:`RetrainConfig`, or go one level down to
 :func:`trainer.embedder.train_embedder`, :func:`trainer.stir.train_stir` and
-:func:`searchsvc.evaluation.evaluate` with arrays of their own.
+:func:`searchsvc.learning.evaluation.evaluate` with arrays of their own.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import click
 import numpy as np
 
 from searchsvc.app import App
-from searchsvc.config import Settings, load_settings
-from searchsvc.db import ModelKind
-from searchsvc.errors import SearchsvcError
-from searchsvc.evaluation import (
+from searchsvc.core.config import Settings, load_settings
+from searchsvc.core.errors import SearchsvcError
+from searchsvc.jobs.model_store import ActiveVersion, active_version, ensure_active_embedder
+from searchsvc.learning.evaluation import (
     KS,
     TOP_NS,
     EvalReport,
@@ -48,7 +48,27 @@ from searchsvc.evaluation import (
     format_table,
     rank_eval_set,
 )
-from searchsvc.model_store import ActiveVersion, active_version, ensure_active_embedder
+from searchsvc.learning.promotion import (
+    Gate,
+    GateDecision,
+    SwapReport,
+    decide,
+    promote_embedder,
+    promote_stir,
+    record_candidate,
+    update_metrics,
+)
+from searchsvc.learning.training_data import (
+    DataSplit,
+    LabelledImage,
+    PixelLoader,
+    TrainingData,
+    load_size_for,
+    load_training_data,
+    refs_of,
+    require_val_queries,
+    split_data,
+)
 from searchsvc.models.checkpoint import config_path_for
 from searchsvc.models.embedder import (
     Embedder,
@@ -60,27 +80,7 @@ from searchsvc.models.embedder import (
 )
 from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.stir import StirNet, StirScorer, load_stir, save_stir
-from searchsvc.promotion import (
-    Gate,
-    GateDecision,
-    SwapReport,
-    decide,
-    promote_embedder,
-    promote_stir,
-    record_candidate,
-    update_metrics,
-)
-from searchsvc.training_data import (
-    DataSplit,
-    LabelledImage,
-    PixelLoader,
-    TrainingData,
-    load_size_for,
-    load_training_data,
-    refs_of,
-    require_val_queries,
-    split_data,
-)
+from searchsvc.storage.db import ModelKind
 from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
 from trainer.loop import Budget, Log, TrainResult, stderr_log

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
 
 STATE_KIND = "training-state"

@@ -11,9 +11,9 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from searchsvc.config import load_settings
-from searchsvc.dispatch import EMBED_QUEUE, RERANK_QUEUE
-from searchsvc.tasks import EMBED_TASK, RERANK_TASK
+from searchsvc.core.config import load_settings
+from searchsvc.jobs.dispatch import EMBED_QUEUE, RERANK_QUEUE
+from searchsvc.jobs.tasks import EMBED_TASK, RERANK_TASK
 
 settings = load_settings()
 if not settings.broker_url:

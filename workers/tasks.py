@@ -1,4 +1,4 @@
-"""Celery tasks: each wraps the searchsvc.tasks function of the same name, nothing more."""
+"""Celery tasks: each wraps the searchsvc.jobs.tasks function of the same name, nothing more."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 from celery.signals import worker_process_init
 
 from searchsvc.app import App
-from searchsvc.dispatch import Payload
-from searchsvc.errors import BrokerError, DatabaseError, IndexBackendError
-from searchsvc.tasks import EMBED_TASK, RERANK_TASK, TaskContext, task_functions
+from searchsvc.core.errors import BrokerError, DatabaseError, IndexBackendError
+from searchsvc.jobs.dispatch import Payload
+from searchsvc.jobs.tasks import EMBED_TASK, RERANK_TASK, TaskContext, task_functions
 from workers.celery_app import app, settings
 
 # Errors worth a retry (a database or index briefly away); bad input is not retried: the

@@ -34,11 +34,11 @@ from bench_quality_class import (  # noqa: E402
 )
 from bench_quality_instance import photos_of  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-
 from searchsvc.datasets import ViewParams, load_fashion_mnist  # noqa: E402
+from searchsvc.training_data import load_size_for  # noqa: E402
+
 from searchsvc.models.embedder import Embedder, new_embedding_net, profile_spec  # noqa: E402
 from searchsvc.models.stir import StirScorer  # noqa: E402
-from searchsvc.training_data import load_size_for  # noqa: E402
 from trainer.augment import resize_pixels  # noqa: E402
 from trainer.data import TrainSet  # noqa: E402
 from trainer.embedder import EmbedderTrainConfig, train_embedder  # noqa: E402

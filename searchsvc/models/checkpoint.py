@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 
 
 def config_path_for(weights_path: Path) -> Path:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
 from searchsvc.models.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.runtime import (

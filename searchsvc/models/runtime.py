@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from searchsvc.errors import ConfigError
+from searchsvc.core.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 from searchsvc.models.profiles import EmbedderSpec
 
 

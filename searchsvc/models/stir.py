@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from searchsvc.errors import ModelError
+from searchsvc.core.errors import ModelError
 from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.profiles import EmbedderSpec
@@ -90,7 +90,7 @@ class StirConfig:
     do, the earlier ones read each image alone (late fusion; needs ``"split"``)."""
     fusion_weight: float = 0.0
     """How much of the first-stage distance the rerank blends into STIR's distance
-    (:func:`searchsvc.rerank.fuse_distances`); 0 = the paper's rule, STIR alone. The
+    (:func:`searchsvc.models.fusion.fuse_distances`); 0 = the paper's rule, STIR alone. The
     trainer fits it on validation after training (score calibration)."""
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
-"""Metadata database: the ORM schema (:mod:`searchsvc.db.models`) and :class:`Database`."""
+"""Metadata database: the ORM schema (:mod:`searchsvc.storage.db.schema`) and :class:`Database`."""
 
-from searchsvc.db.models import (
+from searchsvc.storage.db.schema import (
     NAMING_CONVENTION,
     Base,
     Feedback,
@@ -14,7 +14,7 @@ from searchsvc.db.models import (
     UTCDateTime,
     utcnow,
 )
-from searchsvc.db.session import Database, normalize_url, redact_url
+from searchsvc.storage.db.session import Database, normalize_url, redact_url
 
 __all__ = [
     "NAMING_CONVENTION",

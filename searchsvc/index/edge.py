@@ -1,12 +1,5 @@
-"""The vector index: one small interface, a Qdrant server and an embedded store behind it.
-
-Collections hold one embedder version's vectors each; an alias names the active one, so a
-new embedder can be filled in the background and switched to in one step. Point ids are
-derived from the image's content (see :func:`point_id_for`), which makes upserts idempotent:
-re-ingesting the same image writes the same point.
-
-Scores are cosine similarities (higher is closer), for both backends.
-"""
+"""The embedded vector index: qdrant-edge (Qdrant's engine, in-process), one shard per
+collection, one process at a time."""
 
 from __future__ import annotations
 
@@ -19,165 +12,31 @@ import re
 import shutil
 import threading
 import time
-import uuid
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import qdrant_edge as qe
-from grpc import RpcError
-from qdrant_client import QdrantClient, models
-from qdrant_client.http.exceptions import (
-    ApiException,
-    ResponseHandlingException,
-    UnexpectedResponse,
+
+from searchsvc.core.errors import IndexBackendError
+from searchsvc.index.base import (
+    INDEXED_PAYLOAD_FIELDS,
+    SCROLL_PAGE,
+    IndexPoint,
+    SearchHit,
+    filter_conditions,
+    point_payload,
+    points_matrix,
+    search_hit,
 )
 
-from searchsvc.errors import IndexBackendError
-
-if TYPE_CHECKING:
-    from searchsvc.config import Settings
-
-# Fixed namespace: point ids must be the same on every machine and every run.
-_POINT_NAMESPACE = uuid.UUID("5f0c1a8e-2b7d-4e1c-9a53-3c4d2e6b7f10")
-
-# Payload fields that get a keyword index (filters run inside Qdrant, not after).
-INDEXED_PAYLOAD_FIELDS = ("product_id", "category")
-
-
-def point_id_for(product_id: str, content_hash: str) -> str:
-    """Deterministic point id of one product image.
-
-    The product is part of the key because two products may share identical image bytes
-    (a colour variant photographed once); each must still have its own point.
-    """
-    return str(uuid.uuid5(_POINT_NAMESPACE, f"{product_id}\x00{content_hash}"))
-
-
-@dataclass(frozen=True)
-class IndexPoint:
-    point_id: str
-    vector: np.ndarray  # float32, shape (dim,), L2-normalised
-    product_id: str
-    image_id: int
-    category: str | None = None
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    point_id: str
-    score: float  # cosine similarity
-    product_id: str
-    image_id: int
-    category: str | None = None
-
-
-class VectorIndex(Protocol):
-    """What searchsvc needs from a vector store. Implementations: EdgeIndex, QdrantServerIndex."""
-
-    def ensure_collection(self, name: str, dim: int) -> None:
-        """Create the collection (cosine, ``dim``) with payload indexes if it does not exist.
-        Raises IndexBackendError if it exists with another dimension."""
-
-    def drop_collection(self, name: str) -> None: ...
-
-    def collections(self) -> list[str]: ...
-
-    def upsert(self, collection: str, points: Sequence[IndexPoint]) -> None: ...
-
-    def delete(self, collection: str, point_ids: Sequence[str]) -> None: ...
-
-    def search(
-        self,
-        collection: str,
-        vector: np.ndarray,
-        limit: int,
-        filters: Mapping[str, str] | None = None,
-    ) -> list[SearchHit]:
-        """Nearest points by cosine similarity, best first; ``filters`` are exact payload
-        matches (``{"category": "shoes"}``), applied inside the engine."""
-
-    def count(self, collection: str) -> int: ...
-
-    def iter_point_ids(self, collection: str) -> Iterator[str]: ...
-
-    def set_alias(self, alias: str, collection: str) -> None:
-        """Point ``alias`` at ``collection`` in one step (readers never see no alias)."""
-
-    def resolve_alias(self, alias: str) -> str | None: ...
-
-    def optimize(self, collection: str) -> None:
-        """Build search structures after a bulk load (a no-op where the engine does it)."""
-
-    def close(self) -> None: ...
-
-
-# --------------------------------------------------------------------------------------------
-# Shared helpers
-# --------------------------------------------------------------------------------------------
-
-# Points per engine call: bounds the memory of one request without slowing bulk loads.
-_EDGE_BATCH = 4096
-_SERVER_BATCH = 512
-_SCROLL_PAGE = 1024
+_BATCH = 4096
+"""Points per engine call: bounds the memory of one request without slowing bulk loads."""
 # EdgeIndex flushes segments to disk at most this often after upserts and deletes (and always
 # on optimize and close). A flush costs ~0.1-0.2 s whatever the batch size, so flushing every
 # call would cap small-batch ingestion at a few hundred points/s; between flushes qdrant-edge's
 # write-ahead log already makes each update survive a crash of the process.
 _FLUSH_INTERVAL_S = 1.0
-
-
-def _as_matrix(points: Sequence[IndexPoint], collection: str) -> np.ndarray:
-    """Stack the points' vectors into one C-contiguous float32 ``(n, dim)`` array."""
-    try:
-        matrix = np.stack([np.asarray(p.vector, dtype=np.float32).reshape(-1) for p in points])
-    except ValueError as exc:
-        raise IndexBackendError(
-            f"collection {collection!r}: points to upsert have vectors of different lengths ({exc})"
-        ) from None
-    return np.ascontiguousarray(matrix, dtype=np.float32)
-
-
-def _payload(point: IndexPoint) -> dict[str, Any]:
-    payload: dict[str, Any] = {"product_id": point.product_id, "image_id": int(point.image_id)}
-    if point.category is not None:
-        payload["category"] = point.category
-    return payload
-
-
-def _check_filters(collection: str, filters: Mapping[str, str] | None) -> list[tuple[str, str]]:
-    """Filters as ``(field, value)`` pairs; only indexed fields may be filtered on (a typo
-    such as ``categroy`` would otherwise silently match nothing)."""
-    if not filters:
-        return []
-    unknown = sorted(set(filters) - set(INDEXED_PAYLOAD_FIELDS))
-    if unknown:
-        raise IndexBackendError(
-            f"collection {collection!r}: cannot filter on {', '.join(map(repr, unknown))}; "
-            f"filterable fields are {', '.join(INDEXED_PAYLOAD_FIELDS)}"
-        )
-    return [(key, str(value)) for key, value in filters.items()]
-
-
-def _hit(point_id: object, score: float, payload: Mapping[str, Any] | None) -> SearchHit:
-    payload = payload or {}
-    category = payload.get("category")
-    return SearchHit(
-        point_id=str(point_id),
-        score=float(score),
-        product_id=str(payload.get("product_id", "")),
-        image_id=int(payload.get("image_id", -1)),
-        category=None if category is None else str(category),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Embedded store: qdrant-edge, one EdgeShard per collection
-# --------------------------------------------------------------------------------------------
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _ALIASES_FILE = "aliases.json"
@@ -517,21 +376,21 @@ class EdgeIndex:
         if not points:
             return
         name, shard = self._shard(collection)
-        matrix = _as_matrix(points, name)
+        matrix = points_matrix(points, name)
         dim = self._dims.get(name)
         if dim is not None and matrix.shape[1] != dim:
             raise IndexBackendError(
                 f"collection {name!r}: vectors have dimension {matrix.shape[1]}, expected {dim}"
             )
         try:
-            for start in range(0, len(points), _EDGE_BATCH):
-                chunk = points[start : start + _EDGE_BATCH]
-                rows = matrix[start : start + _EDGE_BATCH]
+            for start in range(0, len(points), _BATCH):
+                chunk = points[start : start + _BATCH]
+                rows = matrix[start : start + _BATCH]
                 batch = [
                     # Per-row tolist() is the cheapest input for the binding: a numpy row is
                     # read element by element (about 2x slower), a whole-matrix tolist() at
                     # once allocates every float object up front.
-                    qe.Point(p.point_id, row.tolist(), _payload(p))
+                    qe.Point(p.point_id, row.tolist(), point_payload(p))
                     for p, row in zip(chunk, rows, strict=True)
                 ]
                 shard.update(qe.UpdateOperation.upsert_points(batch))
@@ -557,7 +416,7 @@ class EdgeIndex:
         limit: int,
         filters: Mapping[str, str] | None = None,
     ) -> list[SearchHit]:
-        conditions = _check_filters(collection, filters)
+        conditions = filter_conditions(collection, filters)
         name, shard = self._shard(collection)
         if limit <= 0:
             return []
@@ -583,7 +442,7 @@ class EdgeIndex:
             )
         except Exception as exc:
             raise IndexBackendError(f"collection {name!r}: search failed ({exc})") from None
-        return [_hit(p.id, p.score, p.payload) for p in points]
+        return [search_hit(p.id, p.score, p.payload) for p in points]
 
     def count(self, collection: str) -> int:
         name, shard = self._shard(collection)
@@ -603,7 +462,7 @@ class EdgeIndex:
             try:
                 records, offset = shard.scroll(
                     qe.ScrollRequest(
-                        offset=offset, limit=_SCROLL_PAGE, with_payload=False, with_vector=False
+                        offset=offset, limit=SCROLL_PAGE, with_payload=False, with_vector=False
                     )
                 )
             except Exception as exc:
@@ -639,238 +498,3 @@ class EdgeIndex:
             shard.flush()
         except Exception as exc:
             raise IndexBackendError(f"collection {name!r}: optimize failed ({exc})") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Qdrant server (or qdrant-client local mode)
-# --------------------------------------------------------------------------------------------
-
-
-def _describe_client(client: QdrantClient) -> str:
-    options = getattr(client, "init_options", None) or {}
-    for key in ("url", "host", "path", "location"):
-        value = options.get(key)
-        if value:
-            return f"local mode ({value})" if key in ("path", "location") else str(value)
-    return "the Qdrant server"
-
-
-class QdrantServerIndex:
-    """Vector index on a Qdrant server through ``qdrant_client``.
-
-    Works unchanged on qdrant-client's local mode (``QdrantClient(location=":memory:")``),
-    which the tests use; local mode accepts but ignores keyword payload indexes (filters
-    are then evaluated by scanning), a server uses them.
-    """
-
-    def __init__(self, client: QdrantClient, *, where: str | None = None) -> None:
-        self.client = client
-        self.where = where or _describe_client(client)
-
-    @classmethod
-    def from_url(
-        cls, url: str, api_key: str | None = None, timeout: float = 10
-    ) -> QdrantServerIndex:
-        """Connect to ``url`` and check it answers; IndexBackendError naming the URL if not."""
-        try:
-            client = QdrantClient(
-                url=url,
-                api_key=api_key or None,
-                timeout=max(1, math.ceil(timeout)),
-                check_compatibility=False,
-            )
-        except (ValueError, TypeError) as exc:
-            raise IndexBackendError(f"SEARCHSVC_QDRANT_URL: invalid URL {url!r} ({exc})") from None
-        index = cls(client, where=url)
-        with index._errors("list collections", None):
-            client.get_collections()
-        return index
-
-    @contextmanager
-    def _errors(self, action: str, collection: str | None) -> Iterator[None]:
-        target = f" collection {collection!r}" if collection else ""
-        try:
-            yield
-        except ResponseHandlingException as exc:
-            raise IndexBackendError(
-                f"cannot reach the Qdrant server at {self.where} (trying to {action}{target}): "
-                f"{exc.source if getattr(exc, 'source', None) else exc}"
-            ) from None
-        except UnexpectedResponse as exc:
-            detail = exc.content.decode("utf-8", "replace")[:300] if exc.content else ""
-            raise IndexBackendError(
-                f"Qdrant at {self.where} refused to {action}{target}: "
-                f"HTTP {exc.status_code} {exc.reason_phrase} {detail}".rstrip()
-            ) from None
-        except (ApiException, RpcError, ValueError, KeyError) as exc:
-            # local mode raises ValueError/KeyError ("Collection x not found", dimension errors)
-            raise IndexBackendError(
-                f"Qdrant at {self.where} failed to {action}{target}: {exc}"
-            ) from None
-
-    def _create_payload_indexes(self, name: str, existing: set[str]) -> None:
-        for field in INDEXED_PAYLOAD_FIELDS:
-            if field in existing:
-                continue
-            with warnings.catch_warnings():
-                # Local mode warns that payload indexes have no effect there; a server uses them.
-                warnings.filterwarnings("ignore", message="Payload indexes have no effect")
-                self.client.create_payload_index(
-                    name, field, models.PayloadSchemaType.KEYWORD, wait=True
-                )
-
-    def ensure_collection(self, name: str, dim: int) -> None:
-        if dim <= 0:
-            raise IndexBackendError(f"collection {name!r}: dimension must be positive, got {dim}")
-        with self._errors("create", name):
-            if not self.client.collection_exists(name):
-                try:
-                    self.client.create_collection(
-                        name,
-                        vectors_config=models.VectorParams(
-                            size=dim, distance=models.Distance.COSINE
-                        ),
-                    )
-                except (UnexpectedResponse, ValueError):
-                    # Another process may have created it meanwhile; then check it below.
-                    if not self.client.collection_exists(name):
-                        raise
-            info = self.client.get_collection(name)
-            params = info.config.params.vectors
-            if not isinstance(params, models.VectorParams):
-                raise IndexBackendError(
-                    f"collection {name!r} at {self.where} uses named vectors; "
-                    "searchsvc needs a single unnamed vector"
-                )
-            if params.size != dim or params.distance != models.Distance.COSINE:
-                raise IndexBackendError(
-                    f"collection {name!r} at {self.where} exists with dimension {params.size} "
-                    f"and distance {params.distance.value}, not {dim} and Cosine"
-                )
-            self._create_payload_indexes(name, set(info.payload_schema or {}))
-
-    def drop_collection(self, name: str) -> None:
-        with self._errors("delete", name):
-            self.client.delete_collection(name)
-
-    def collections(self) -> list[str]:
-        with self._errors("list collections", None):
-            return sorted(c.name for c in self.client.get_collections().collections)
-
-    def upsert(self, collection: str, points: Sequence[IndexPoint]) -> None:
-        if not points:
-            return
-        matrix = _as_matrix(points, collection)
-        with self._errors("upsert into", collection):
-            for start in range(0, len(points), _SERVER_BATCH):
-                chunk = points[start : start + _SERVER_BATCH]
-                batch = models.Batch(
-                    ids=[p.point_id for p in chunk],
-                    vectors=matrix[start : start + _SERVER_BATCH].tolist(),
-                    payloads=[_payload(p) for p in chunk],
-                )
-                self.client.upsert(collection, points=batch, wait=True)
-
-    def delete(self, collection: str, point_ids: Sequence[str]) -> None:
-        if not point_ids:
-            return
-        ids: list[models.ExtendedPointId] = list(point_ids)
-        with self._errors("delete points from", collection):
-            self.client.delete(
-                collection, points_selector=models.PointIdsList(points=ids), wait=True
-            )
-
-    def search(
-        self,
-        collection: str,
-        vector: np.ndarray,
-        limit: int,
-        filters: Mapping[str, str] | None = None,
-    ) -> list[SearchHit]:
-        conditions = _check_filters(collection, filters)
-        if limit <= 0:
-            return []
-        query_filter = (
-            models.Filter(
-                must=[
-                    models.FieldCondition(key=key, match=models.MatchValue(value=value))
-                    for key, value in conditions
-                ]
-            )
-            if conditions
-            else None
-        )
-        query = np.asarray(vector, dtype=np.float32).reshape(-1).tolist()
-        with self._errors("search", collection):
-            response = self.client.query_points(
-                collection,
-                query=query,
-                limit=limit,
-                query_filter=query_filter,
-                with_payload=True,
-                with_vectors=False,
-            )
-        return [_hit(p.id, p.score, p.payload) for p in response.points]
-
-    def count(self, collection: str) -> int:
-        with self._errors("count", collection):
-            return int(self.client.count(collection, exact=True).count)
-
-    def iter_point_ids(self, collection: str) -> Iterator[str]:
-        offset: models.ExtendedPointId | None = None
-        while True:
-            with self._errors("scroll", collection):
-                records, offset = self.client.scroll(
-                    collection,
-                    limit=_SCROLL_PAGE,
-                    offset=offset,
-                    with_payload=False,
-                    with_vectors=False,
-                )
-            for record in records:
-                yield str(record.id)
-            if offset is None:
-                return
-
-    def set_alias(self, alias: str, collection: str) -> None:
-        """Delete and create in one request: Qdrant applies both under one lock, so readers
-        see the old or the new target, never no alias."""
-        with self._errors(f"point alias {alias!r} at", collection):
-            self.client.update_collection_aliases(
-                change_aliases_operations=[
-                    models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)),
-                    models.CreateAliasOperation(
-                        create_alias=models.CreateAlias(
-                            collection_name=collection, alias_name=alias
-                        )
-                    ),
-                ]
-            )
-
-    def resolve_alias(self, alias: str) -> str | None:
-        with self._errors(f"resolve alias {alias!r}", None):
-            aliases = self.client.get_aliases().aliases
-        for description in aliases:
-            if description.alias_name == alias:
-                return description.collection_name
-        return None
-
-    def optimize(self, collection: str) -> None:
-        """No-op: the server's optimizers build HNSW in the background."""
-
-    def close(self) -> None:
-        self.client.close()
-
-    def __enter__(self) -> QdrantServerIndex:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def open_index(settings: Settings, *, wait_s: float = 0.0) -> VectorIndex:
-    """The configured backend: a Qdrant server if ``qdrant_url`` is set, else the embedded
-    store (waiting up to ``wait_s`` for another process to release it)."""
-    if settings.qdrant_url:
-        return QdrantServerIndex.from_url(settings.qdrant_url, settings.qdrant_api_key or None)
-    return EdgeIndex(settings.qdrant_path, wait_s=wait_s)

@@ -14,15 +14,15 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
-from searchsvc.config import Settings
-from searchsvc.db import Database, Image, ModelKind
-from searchsvc.dispatch import RERANK_QUEUE, Dispatcher
-from searchsvc.errors import SearchsvcError
-from searchsvc.model_store import ActiveVersion, active_version
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import SearchsvcError
+from searchsvc.jobs.dispatch import RERANK_QUEUE, Dispatcher
+from searchsvc.jobs.model_store import ActiveVersion, active_version
+from searchsvc.jobs.tasks import RERANK_TASK, RerankRequest, RerankResponse, encode_pixels
 from searchsvc.models.checkpoint import config_path_for
-from searchsvc.rerank import merge_reranked
-from searchsvc.search import Candidate, QueryImage, RerankOutcome
-from searchsvc.tasks import RERANK_TASK, RerankRequest, RerankResponse, encode_pixels
+from searchsvc.models.fusion import merge_reranked
+from searchsvc.serving.search import Candidate, QueryImage, RerankOutcome
+from searchsvc.storage.db import Database, Image, ModelKind
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from searchsvc.config import Settings
-from searchsvc.db import Database, Feedback, Image, Product, QueryLog
-from searchsvc.errors import NotFoundError, SearchsvcError
-from searchsvc.images import content_hash, decode_image, resize_center_crop
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import NotFoundError, SearchsvcError
+from searchsvc.core.images import content_hash, decode_image, resize_center_crop
 from searchsvc.index import SearchHit, VectorIndex
-from searchsvc.model_store import ActiveVersion, ModelCache, served_embedder
+from searchsvc.jobs.model_store import ActiveVersion, ModelCache, served_embedder
+from searchsvc.storage.db import Database, Feedback, Image, Product, QueryLog
 
 # How many points to fetch per wanted product: a product has several images, and results are
 # products. If the first fetch yields too few distinct products, the fetch grows.

@@ -21,7 +21,26 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
-from searchsvc.catalog import (
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import BrokerError, ImageError, SearchsvcError
+from searchsvc.core.images import content_hash, read_image_bytes
+from searchsvc.index import IndexPoint, VectorIndex, point_id_for
+from searchsvc.jobs.dispatch import (
+    EMBED_QUEUE,
+    Dispatcher,
+    Payload,
+    TaskHandle,
+    result_with_resends,
+)
+from searchsvc.jobs.model_store import ActiveVersion
+from searchsvc.jobs.tasks import (
+    EMBED_TASK,
+    EmbedItem,
+    EmbedRequest,
+    EmbedResponse,
+    decode_vector,
+)
+from searchsvc.storage.catalog import (
     CatalogImage,
     CatalogProblem,
     ProductRecord,
@@ -29,21 +48,8 @@ from searchsvc.catalog import (
     iter_metadata,
     open_catalog,
 )
-from searchsvc.config import Settings
-from searchsvc.db import Database, Image, ImageStatus, IngestRun, Product
-from searchsvc.db.models import utcnow
-from searchsvc.dispatch import EMBED_QUEUE, Dispatcher, Payload, TaskHandle, result_with_resends
-from searchsvc.errors import BrokerError, ImageError, SearchsvcError
-from searchsvc.images import content_hash, read_image_bytes
-from searchsvc.index import IndexPoint, VectorIndex, point_id_for
-from searchsvc.model_store import ActiveVersion
-from searchsvc.tasks import (
-    EMBED_TASK,
-    EmbedItem,
-    EmbedRequest,
-    EmbedResponse,
-    decode_vector,
-)
+from searchsvc.storage.db import Database, Image, ImageStatus, IngestRun, Product
+from searchsvc.storage.db.schema import utcnow
 
 MAX_PROBLEMS_KEPT = 200
 SCAN_BATCH = 512

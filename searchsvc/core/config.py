@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from searchsvc.errors import ConfigError
+from searchsvc.core.errors import ConfigError
 
 ENV_PREFIX = "SEARCHSVC_"
 Device = Literal["auto", "cpu", "cuda"]
@@ -90,7 +90,7 @@ class Settings:
     embed_task_resend_s: float = 300.0
     """An embed task without a result after this long is sent again (embedding is
     idempotent; the first copy to finish answers): a Redis broker can lose the task of a
-    worker that died (:func:`searchsvc.dispatch.result_with_resends`)."""
+    worker that died (:func:`searchsvc.jobs.dispatch.result_with_resends`)."""
     task_visibility_timeout_s: float = 3600.0
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""

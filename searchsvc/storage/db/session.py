@@ -12,7 +12,7 @@ Several processes (the CLI, Celery workers) may open the same database at once:
 * On PostgreSQL a migration holds a transaction-level advisory lock
   (``pg_advisory_xact_lock``), with the same effect.
 
-Failures to reach or migrate the database raise :class:`searchsvc.errors.DatabaseError` with a
+Failures to reach or migrate the database raise :class:`searchsvc.core.errors.DatabaseError` with a
 one-line message naming the URL (password hidden).
 """
 
@@ -42,8 +42,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
-from searchsvc.config import _redact
-from searchsvc.errors import DatabaseError
+from searchsvc.core.config import _redact
+from searchsvc.core.errors import DatabaseError
 
 __all__ = [
     "MIGRATION_LOCK_KEY",

@@ -1,6 +1,6 @@
 """Retrieval quality of an embedder, alone and with a STIR reranker, as STIR.md defines it.
 
-Metrics (all from :mod:`searchsvc.metrics`): CMC@1/5/10, precision@5, mAP@5/10, for the
+Metrics (all from :mod:`searchsvc.learning.metrics`): CMC@1/5/10, precision@5, mAP@5/10, for the
 first stage alone (row ``embedder``) and reranked by STIR at ``top_n`` 5 and 10 (rows
 ``stir@5``, ``stir@10``). Relevance is by product; items are images.
 
@@ -13,7 +13,7 @@ Two ways to get a ranking:
 - a labelled **query set against the live index** (:func:`evaluate_live`): the served
   embedder and reranker, the collection the alias names, nothing logged.
 
-The rerank step is the query path's own: :func:`searchsvc.rerank.merge_reranked`.
+The rerank step is the query path's own: :func:`searchsvc.models.fusion.merge_reranked`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,11 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy import func, select
 
-from searchsvc.db import Database, Image, ImageStatus, ModelKind
-from searchsvc.errors import ImageError, SearchsvcError
-from searchsvc.images import IMAGE_SUFFIXES
-from searchsvc.metrics import relevance_from_labels, retrieval_metrics
-from searchsvc.model_store import active_version, served_embedder
-from searchsvc.models.embedder import Embedder
-from searchsvc.models.stir import StirScorer
-from searchsvc.pixels import PixelStore
-from searchsvc.rerank import fuse_distances, merge_reranked
-from searchsvc.training_data import (
+from searchsvc.core.errors import ImageError, SearchsvcError
+from searchsvc.core.images import IMAGE_SUFFIXES
+from searchsvc.jobs.model_store import active_version, served_embedder
+from searchsvc.learning.metrics import relevance_from_labels, retrieval_metrics
+from searchsvc.learning.training_data import (
     DataSplit,
     LabelledImage,
     PixelLoader,
@@ -46,10 +41,15 @@ from searchsvc.training_data import (
     require_val_queries,
     split_data,
 )
+from searchsvc.models.embedder import Embedder
+from searchsvc.models.fusion import fuse_distances, merge_reranked
+from searchsvc.models.stir import StirScorer
+from searchsvc.storage.db import Database, Image, ImageStatus, ModelKind
+from searchsvc.storage.pixels import PixelStore
 
 if TYPE_CHECKING:
     from searchsvc.app import App
-    from searchsvc.config import Settings
+    from searchsvc.core.config import Settings
 
 KS = (1, 5, 10)
 REPORTED = ("cmc@1", "cmc@5", "cmc@10", "precision@5", "map@5", "map@10")
@@ -353,7 +353,7 @@ class FirstStageResult:
     ) -> dict[str, dict[str, float]]:
         """Rows ``stir@<top_n>``: the ranking reranked by a pair scorer of ``size`` pixels,
         its distances blended with the first stage's by ``fusion_weight``
-        (:func:`searchsvc.rerank.fuse_distances`; 0: STIR alone)."""
+        (:func:`searchsvc.models.fusion.fuse_distances`; 0: STIR alone)."""
         widest = self.pair_distances(score_pairs, size, max(top_ns))
         return {
             f"stir@{top_n}": self.rerank_metrics(widest, top_n, fusion_weight) for top_n in top_ns
@@ -377,7 +377,7 @@ class FirstStageResult:
         try_symmetric: bool = True,
     ) -> Calibration:
         """Score calibration: how a reranker's distances are used on this set. The best by
-        ``metric`` of every fusion weight (:func:`searchsvc.rerank.fuse_distances`), with
+        ``metric`` of every fusion weight (:func:`searchsvc.models.fusion.fuse_distances`), with
         the pairs scored one way (query, candidate) and, with ``try_symmetric``, also as the
         mean of both orders (:attr:`StirConfig.symmetric`, twice the pairs at query time).
         Ties go to one-way scoring and to the larger weight (the cheaper and the safer

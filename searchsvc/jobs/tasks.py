@@ -15,14 +15,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from searchsvc.config import Settings
-from searchsvc.db import Database
-from searchsvc.errors import ImageError
-from searchsvc.images import content_hash, load_pixels, read_image_bytes
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import ImageError
+from searchsvc.core.images import content_hash, load_pixels, read_image_bytes
 from searchsvc.index import IndexPoint, VectorIndex, point_id_for
-from searchsvc.model_store import ActiveVersion, ModelCache
-from searchsvc.pixels import PixelStore
-from searchsvc.rerank import fuse_distances
+from searchsvc.jobs.model_store import ActiveVersion, ModelCache
+from searchsvc.models.fusion import fuse_distances
+from searchsvc.storage.db import Database
+from searchsvc.storage.pixels import PixelStore
 
 EMBED_TASK = "searchsvc.embed_images"
 RERANK_TASK = "searchsvc.rerank"
@@ -206,7 +206,7 @@ class RerankRequest:
     shared pixel store."""
     first_stage_distances: list[float] | None = None
     """The candidates' first-stage distances (best first), for a STIR whose file carries a
-    fusion weight (:func:`searchsvc.rerank.fuse_distances`)."""
+    fusion weight (:func:`searchsvc.models.fusion.fuse_distances`)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

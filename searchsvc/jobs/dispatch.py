@@ -1,7 +1,7 @@
 """How work reaches the task functions: in this process, or through Celery by task name.
 
 ``searchsvc`` never imports ``workers``: the Celery dispatcher sends tasks by their names
-(``searchsvc.tasks.EMBED_TASK`` ...), which the worker package registers.
+(``searchsvc.jobs.tasks.EMBED_TASK`` ...), which the worker package registers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from searchsvc.errors import BrokerError, SearchsvcError
+from searchsvc.core.errors import BrokerError, SearchsvcError
 
 Payload = dict[str, Any]
 TaskFunction = Callable[[Payload], Payload]

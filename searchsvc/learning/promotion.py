@@ -36,18 +36,18 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from searchsvc.db import Database, Image, ImageStatus, ModelKind, ModelVersion, Product
-from searchsvc.dispatch import EMBED_QUEUE, Payload, TaskHandle, result_with_resends
-from searchsvc.errors import SearchsvcError
-from searchsvc.evaluation import REPORTED
+from searchsvc.core.errors import SearchsvcError
 from searchsvc.index import IndexPoint, point_id_for
-from searchsvc.model_store import activate_version, active_version, register_version
+from searchsvc.jobs.dispatch import EMBED_QUEUE, Payload, TaskHandle, result_with_resends
+from searchsvc.jobs.model_store import activate_version, active_version, register_version
+from searchsvc.jobs.tasks import EMBED_TASK, EmbedItem, EmbedRequest, EmbedResponse, decode_vector
+from searchsvc.learning.evaluation import REPORTED
 from searchsvc.models.embedder import embedder_dim
-from searchsvc.tasks import EMBED_TASK, EmbedItem, EmbedRequest, EmbedResponse, decode_vector
+from searchsvc.storage.db import Database, Image, ImageStatus, ModelKind, ModelVersion, Product
 
 if TYPE_CHECKING:
     from searchsvc.app import App
-    from searchsvc.config import Settings
+    from searchsvc.core.config import Settings
 
 PAGE = 512
 IN_FLIGHT = 2

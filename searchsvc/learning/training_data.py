@@ -31,10 +31,10 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import select
 
-from searchsvc.db import Database, Feedback, Image, ImageStatus, Product, QueryLog
-from searchsvc.errors import ImageError, SearchsvcError
-from searchsvc.images import decode_image, read_image_bytes, resize_center_crop
-from searchsvc.pixels import PixelStore
+from searchsvc.core.errors import ImageError, SearchsvcError
+from searchsvc.core.images import decode_image, read_image_bytes, resize_center_crop
+from searchsvc.storage.db import Database, Feedback, Image, ImageStatus, Product, QueryLog
+from searchsvc.storage.pixels import PixelStore
 
 Source = Literal["catalog", "query"]
 SplitName = Literal["train", "val"]
@@ -279,7 +279,7 @@ def load_size_for(input_size: int) -> int:
 @dataclass
 class PixelLoader:
     """Model-ready pixels of labelled images, decoded through the one safe path
-    (:mod:`searchsvc.images`).
+    (:mod:`searchsvc.core.images`).
 
     At the model's input size a catalog image is read from the reranker's pixel store when
     it is there (ingest already decoded it); anything else (another size, a query photo)

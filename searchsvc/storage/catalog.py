@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from searchsvc.errors import CatalogError
-from searchsvc.images import IMAGE_SUFFIXES
+from searchsvc.core.errors import CatalogError
+from searchsvc.core.images import IMAGE_SUFFIXES
 
 METADATA_FILES = ("products.csv", "products.jsonl")
 KNOWN_COLUMNS = ("title", "category", "price", "url")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from searchsvc.errors import ImageError
+from searchsvc.core.errors import ImageError
 
 BUSY_TIMEOUT_S = 60.0
 FILE_NAME = "pixels.sqlite3"

@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select, update
 
-from searchsvc.batcher import MicroBatcher
-from searchsvc.config import Settings
-from searchsvc.db import Database, ModelKind, ModelVersion
-from searchsvc.db.models import utcnow
-from searchsvc.errors import ModelError, NotFoundError, SearchsvcError
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import ModelError, NotFoundError, SearchsvcError
 from searchsvc.index import VectorIndex
+from searchsvc.models.batcher import MicroBatcher
 from searchsvc.models.embedder import (
     Embedder,
     load_embedding_net,
@@ -30,6 +28,8 @@ from searchsvc.models.embedder import (
     save_embedder,
 )
 from searchsvc.models.stir import StirScorer, load_stir
+from searchsvc.storage.db import Database, ModelKind, ModelVersion
+from searchsvc.storage.db.schema import utcnow
 
 Pair = tuple[np.ndarray, np.ndarray]
 
