@@ -1,53 +1,105 @@
-"""The composition root: builds the DB, index, models and dispatcher from one Settings.
+"""The composition root: builds the DB, index, models and dispatcher from one Settings, and
+the services that take them.
 
-Embedded and cluster deployments differ only in the settings given here.
+Embedded and cluster deployments differ only in the settings given here. Entry points (the
+CLI, the retrain, the workers, benchmarks, tests) build an :class:`App`; nothing below them
+takes one: every service gets its collaborators passed in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import func, select
 
 from searchsvc.core.config import Settings
-from searchsvc.index import VectorIndex, open_index
+from searchsvc.index import IndexMode, VectorIndex, open_index
 from searchsvc.jobs.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
 from searchsvc.jobs.ingest import IngestCoordinator, IngestSummary, ProgressCallback
-from searchsvc.jobs.model_store import ModelCache, ensure_active_embedder
+from searchsvc.jobs.model_files import ensure_active_embedder
+from searchsvc.jobs.switch import SwapReport, switch_embedder
 from searchsvc.jobs.tasks import TaskContext, task_functions
+from searchsvc.models.cache import ModelCache
 from searchsvc.models.embedder import embedder_dim
 from searchsvc.models.runtime import select_device
 from searchsvc.serving.rerank_stage import StirRerankStage
-from searchsvc.serving.search import RerankStage, SearchService
-from searchsvc.storage.db import Database, Image, IngestRun, ModelKind, ModelVersion, Product
+from searchsvc.serving.search import QueryRecorder, RerankStage, SearchService
+from searchsvc.serving.status import catalog_status
+from searchsvc.storage.db import Database
 from searchsvc.storage.pixels import PixelStore
 
 
+def model_cache(settings: Settings) -> ModelCache:
+    return ModelCache(
+        device=settings.device,
+        precision=settings.precision,
+        rerank_max_batch_pairs=settings.rerank_max_batch_pairs,
+        rerank_batch_wait_s=settings.rerank_batch_wait_ms / 1000,
+    )
+
+
+def build_task_context(
+    settings: Settings, index_factory: Callable[[], VectorIndex] | None = None
+) -> TaskContext:
+    """What a worker process runs its tasks with (``index_factory``: where workers write
+    vectors themselves, a Qdrant server)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if index_factory is None and settings.workers_write_index:
+
+        def index_factory() -> VectorIndex:
+            return open_index(settings, "write")
+
+    return TaskContext(
+        settings=settings,
+        db=Database(settings.sqlalchemy_url),
+        models=model_cache(settings),
+        pixels=PixelStore(settings.media_dir),
+        index_factory=index_factory,
+    )
+
+
+@contextlib.contextmanager
+def _cpu_tasks_single_threaded(settings: Settings) -> Iterator[None]:
+    """In-process on a CPU, several single-threaded forwards side by side (one per task
+    thread) beat one forward spread over every core at ingest's batch sizes: measured here,
+    2 cores, small profile: ~570 images/s against ~500. Queries keep all threads."""
+    if settings.broker_url or select_device(settings.device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class App:
+    """Every collaborator of one process, built once, on first use."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.db = Database(settings.sqlalchemy_url)
-        self.models = ModelCache(settings, self.db)
+        self.models = model_cache(settings)
         self.pixels = PixelStore(settings.media_dir)
         self._index: VectorIndex | None = None
         self._dispatcher: Dispatcher | None = None
+        self._local_dispatcher: InProcessDispatcher | None = None
 
-    @property
-    def index(self) -> VectorIndex:
+    def index(self, mode: IndexMode) -> VectorIndex:
+        """The index, opened on first use: ``"write"`` queues behind another writer of an
+        embedded store, ``"read"`` fails at once while one holds it. Once open, it serves
+        both (this process then holds the embedded store)."""
         if self._index is None:
-            self._index = open_index(self.settings, "read")
-        return self._index
-
-    def _index_for_writing(self) -> VectorIndex:
-        """The index, waiting for another writer (an ingest) to release an embedded store."""
-        if self._index is None:
-            self._index = open_index(self.settings, "write")
+            self._index = open_index(self.settings, mode)
         return self._index
 
     def task_context(self) -> TaskContext:
@@ -56,7 +108,7 @@ class App:
             db=self.db,
             models=self.models,
             pixels=self.pixels,
-            index_factory=lambda: self.index,
+            index_factory=lambda: self.index("write"),
         )
 
     @property
@@ -80,7 +132,7 @@ class App:
     def ingest(
         self, root: Path, *, sync: bool = False, progress: ProgressCallback | None = None
     ) -> IngestSummary:
-        index = self._index_for_writing()
+        index = self.index("write")
         version = ensure_active_embedder(self.db, self.settings)
         coordinator = IngestCoordinator(
             self.settings,
@@ -91,78 +143,52 @@ class App:
             embedder_dim(version.file),
             max_in_flight=self.settings.ingest_tasks_in_flight,
         )
-        if self.settings.broker_url or select_device(self.settings.device).type != "cpu":
+        with _cpu_tasks_single_threaded(self.settings):
             return coordinator.run(root, sync=sync, progress=progress)
-        # In-process on a CPU, several single-threaded forwards side by side (one per task
-        # thread) beat one forward spread over every core at ingest's batch sizes: measured
-        # here, 2 cores, small profile: ~570 images/s against ~500. Queries keep all threads.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return coordinator.run(root, sync=sync, progress=progress)
-        finally:
-            torch.set_num_threads(threads)
 
-    def search_service(self, rerank_stage: RerankStage | None = None) -> SearchService:
+    def switch_embedder(
+        self, version_id: int, progress: Callable[[int, int], None] | None = None
+    ) -> SwapReport:
+        """Re-embed the catalog with ``version_id`` and switch queries to it."""
+        index = self.index("write")
+        with _cpu_tasks_single_threaded(self.settings):
+            return switch_embedder(
+                self.settings, self.db, index, self.dispatcher, version_id, progress=progress
+            )
+
+    def search_service(
+        self, rerank_stage: RerankStage | None = None, *, record_queries: bool = True
+    ) -> SearchService:
         return SearchService(
             self.settings,
             self.db,
-            self.index,
+            self.index("read"),
             self.models,
-            rerank_stage or StirRerankStage(self.settings, self.db, lambda: self.dispatcher),
+            rerank_stage
+            or StirRerankStage(
+                self.db, lambda: self.dispatcher, timeout_s=self.settings.rerank_timeout_s
+            ),
+            QueryRecorder(self.db, self.settings.query_images_dir) if record_queries else None,
         )
 
+    def in_process_rerank_stage(self) -> StirRerankStage:
+        """STIR run by this process's own task threads, without a deadline: what an
+        evaluation injects into the query path (the same task code a rerank worker runs)."""
+        dispatcher = self._local_dispatcher
+        if dispatcher is None:
+            dispatcher = self._local_dispatcher = InProcessDispatcher(
+                task_functions(self.task_context()), threads=1
+            )
+        return StirRerankStage(self.db, lambda: dispatcher, timeout_s=None)
+
     def status(self) -> dict[str, Any]:
-        with self.db.session() as session:
-            products = session.scalar(
-                select(func.count()).select_from(Product).where(Product.removed.is_(False))
-            )
-            images = dict(
-                session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
-            )
-            models = [
-                {
-                    "id": row.id,
-                    "kind": row.kind.value,
-                    "arch": row.arch,
-                    "file": row.file,
-                    "collection": row.collection,
-                    "metrics": row.metrics,
-                    "promoted_at": row.promoted_at.isoformat() if row.promoted_at else None,
-                }
-                for row in session.scalars(
-                    select(ModelVersion).where(ModelVersion.active.is_(True))
-                )
-            ]
-            last_run = session.scalars(select(IngestRun).order_by(IngestRun.id.desc())).first()
-            last = (
-                {
-                    "id": last_run.id,
-                    "catalog": last_run.catalog_path,
-                    "status": last_run.status,
-                    "counts": last_run.counts,
-                }
-                if last_run
-                else None
-            )
-        collection = self.index.resolve_alias(self.settings.collection_alias)
-        return {
-            "products": int(products or 0),
-            "images": {str(getattr(k, "value", k)): int(v) for k, v in images.items()},
-            "indexed_points": self.index.count(collection) if collection else 0,
-            "collection": collection,
-            "active_models": models,
-            "active_embedder": next(
-                (m["id"] for m in models if m["kind"] == ModelKind.EMBEDDER.value), None
-            ),
-            "last_ingest": last,
-            "locations": self.settings.describe(),
-        }
+        return catalog_status(self.settings, self.db, self.index("read"))
 
     def close(self) -> None:
         self.models.close()
-        if self._dispatcher is not None:
-            self._dispatcher.close()
+        for dispatcher in (self._dispatcher, self._local_dispatcher):
+            if dispatcher is not None:
+                dispatcher.close()
         if self._index is not None:
             self._index.close()
         self.pixels.close()

@@ -247,7 +247,7 @@ def query(
 @handle_errors
 def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool) -> None:
     """Record that PRODUCT_ID was the right (or, with --negative, a wrong) answer to QUERY_ID."""
-    from searchsvc.serving.search import record_feedback
+    from searchsvc.serving.feedback import record_feedback
     from searchsvc.storage.db import Database
 
     settings = _settings(ctx)
@@ -318,7 +318,8 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
         query_set = evaluation.load_query_set(queries)
         app = _app(settings)
         try:
-            report = evaluation.evaluate_live(app, query_set)
+            search = app.search_service(app.in_process_rerank_stage(), record_queries=False)
+            report = evaluation.evaluate_live(search, query_set, max_bytes=settings.max_image_bytes)
         finally:
             app.close()
         record = {"source": "live index", "queries": str(queries)}
@@ -420,7 +421,7 @@ def model_add(ctx: click.Context, kind: str, file: Path, activate: bool, notes: 
     """Register a model FILE (safetensors, its JSON config beside it) as a new version.
 
     Embedders enter through the retrain, which fills their collection before the switch."""
-    from searchsvc.jobs.model_store import register_version
+    from searchsvc.jobs.model_files import register_version
     from searchsvc.storage.db import Database, ModelKind
 
     settings = _settings(ctx)
@@ -440,8 +441,8 @@ def model_add(ctx: click.Context, kind: str, file: Path, activate: bool, notes: 
 @handle_errors
 def model_activate(ctx: click.Context, version: int) -> None:
     """Make reranker VERSION the active one (no restart: workers reload it)."""
-    from searchsvc.jobs.model_store import activate_version
     from searchsvc.storage.db import Database, ModelKind, ModelVersion
+    from searchsvc.storage.versions import activate_version
 
     database = Database(_settings(ctx).sqlalchemy_url)
     try:
@@ -463,8 +464,8 @@ def model_activate(ctx: click.Context, version: int) -> None:
 @handle_errors
 def model_deactivate(ctx: click.Context) -> None:
     """Serve queries by the first stage alone until a reranker is activated again."""
-    from searchsvc.jobs.model_store import deactivate_kind
     from searchsvc.storage.db import Database, ModelKind
+    from searchsvc.storage.versions import deactivate_kind
 
     database = Database(_settings(ctx).sqlalchemy_url)
     try:

@@ -23,13 +23,13 @@ from searchsvc.learning.evaluation import (
     rank_eval_set,
     relevance_at,
     relevant_counts,
-    rerank_order,
     score,
 )
+from searchsvc.learning.gate import Gate, decide
 from searchsvc.learning.metrics import ranked_indices, retrieval_metrics, self_excluded_relevance
-from searchsvc.learning.promotion import Gate, decide
 from searchsvc.learning.training_data import LabelledImage, PixelLoader
 from searchsvc.models.embedder import Embedder, EmbeddingNet
+from searchsvc.models.fusion import rerank_order
 from searchsvc.models.profiles import PROFILES
 
 

@@ -8,19 +8,15 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from searchsvc.app import model_cache
 from searchsvc.core.config import Settings
 from searchsvc.core.errors import ModelError
-from searchsvc.jobs.model_store import (
-    ModelCache,
-    activate_version,
-    active_version,
-    ensure_active_embedder,
-    register_version,
-)
+from searchsvc.jobs.model_files import ensure_active_embedder, register_version
 from searchsvc.models.embedder import load_embedding_net, new_embedding_net, save_embedder
 from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
 from searchsvc.storage.db import Database, ModelKind, ModelVersion
+from searchsvc.storage.versions import activate_version, active_version
 
 
 @pytest.fixture
@@ -53,15 +49,20 @@ def test_first_embedder_is_created_once_and_written_to_a_file(
 def test_cache_reloads_when_the_active_version_moves(
     settings: Settings, db: Database, tmp_path: Path
 ) -> None:
-    cache = ModelCache(settings, db)
-    v1, embedder1 = cache.embedder()
-    assert cache.embedder()[1] is embedder1  # loaded once
+    cache = model_cache(settings)
+
+    def active_embedder():  # type: ignore[no-untyped-def]
+        version = ensure_active_embedder(db, settings)
+        return version, cache.embedder(version)
+
+    v1, embedder1 = active_embedder()
+    assert active_embedder()[1] is embedder1  # loaded once
 
     other = new_embedding_net(PROFILES["small"], seed=7)
     save_embedder(other, tmp_path / "e2.safetensors")
     v2 = register_version(db, settings, ModelKind.EMBEDDER, tmp_path / "e2.safetensors")
     activate_version(db, v2)
-    version, embedder2 = cache.embedder()
+    version, embedder2 = active_embedder()
     assert version.id == v2 and embedder2 is not embedder1
 
     s1 = register_version(db, settings, ModelKind.STIR, _stir_file(tmp_path / "s1.safetensors", 1))

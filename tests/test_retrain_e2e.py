@@ -23,16 +23,16 @@ import trainer.retrain as retrain_module
 from searchsvc.app import App
 from searchsvc.cli import main as searchsvc_main
 from searchsvc.core.config import Settings, load_settings
-from searchsvc.jobs.model_store import active_version, register_version
+from searchsvc.jobs.model_files import register_version
 from searchsvc.learning.datasets import DEBIAN_DIR, write_demo_catalog
 from searchsvc.learning.evaluation import evaluate_live, load_query_set
-from searchsvc.learning.promotion import promote_embedder
 from searchsvc.models.embedder import new_embedding_net, save_embedder
 from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import load_stir
-from searchsvc.serving.search import record_feedback
+from searchsvc.serving.feedback import record_feedback
 from searchsvc.storage.db import Image, ModelKind, ModelVersion
-from trainer.retrain import RetrainConfig, RetrainReport, retrain
+from searchsvc.storage.versions import active_version
+from trainer.retrain import RetrainConfig, RetrainReport, RetrainServices, retrain
 from trainer.retrain import main as retrain_main
 
 pytestmark = pytest.mark.skipif(
@@ -78,14 +78,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     )
     app.ingest(catalog)
     try:
-        report = retrain(settings, _config(settings, only="embedder"), app=app, log=print)
+        report = retrain(
+            settings,
+            _config(settings, only="embedder"),
+            services=RetrainServices.of(app),
+            log=print,
+        )
         yield World(settings, app, queries, random_init, report)
     finally:
         app.close()
 
 
 def _collection_of(app: App) -> str | None:
-    return app.index.resolve_alias(app.settings.collection_alias)
+    return app.index("read").resolve_alias(app.settings.collection_alias)
 
 
 def test_retraining_beats_the_random_init_and_is_promoted_with_its_record(world: World) -> None:
@@ -103,8 +108,10 @@ def test_retraining_beats_the_random_init_and_is_promoted_with_its_record(world:
     assert active is not None and active.id == new
     assert _collection_of(app) == f"images_v{new}"
     old_collection = f"images_v{world.random_init}"
-    assert old_collection in app.index.collections()  # kept until a cleanup
-    assert app.index.count(f"images_v{new}") == app.index.count(old_collection) == 300
+    assert old_collection in app.index("read").collections()  # kept until a cleanup
+    assert (
+        app.index("read").count(f"images_v{new}") == app.index("read").count(old_collection) == 300
+    )
     with app.db.session() as session:
         row = session.get(ModelVersion, new)
         assert row is not None and row.active
@@ -167,7 +174,7 @@ def test_queries_succeed_while_the_catalog_is_reembedded_and_the_alias_moves(
     try:
         while not answers and not errors:
             time.sleep(0.01)
-        swap = promote_embedder(app, candidate, progress=progress)
+        swap = app.switch_embedder(candidate, progress=progress)
         time.sleep(0.2)
     finally:
         stop.set()
@@ -185,13 +192,13 @@ def test_the_gate_refuses_a_worse_model_and_keeps_the_serving_one(world: World) 
     app = world.app
     serving = active_version(app.db, ModelKind.EMBEDDER)
     assert serving is not None
-    collections = set(app.index.collections())
+    collections = set(app.index("read").collections())
     # From the profile's start weights, barely trained: worse than the serving model.
     config = _config(world.settings, only="embedder", init="profile")
     config = dataclasses.replace(
         config, embedder=dataclasses.replace(config.embedder, steps=1, lr=1e-6, seed=7)
     )
-    report = retrain(world.settings, config, app=app, log=print)
+    report = retrain(world.settings, config, services=RetrainServices.of(app), log=print)
     stage = report.stages["embedder"]
     assert stage.decision is not None and not stage.decision.passed and not stage.promoted
     assert stage.candidate and stage.baseline
@@ -199,7 +206,7 @@ def test_the_gate_refuses_a_worse_model_and_keeps_the_serving_one(world: World) 
     active = active_version(app.db, ModelKind.EMBEDDER)
     assert active is not None and active.id == serving.id
     assert _collection_of(app) == serving.collection
-    assert set(app.index.collections()) == collections  # nothing re-embedded
+    assert set(app.index("read").collections()) == collections  # nothing re-embedded
     with app.db.session() as session:
         refused = session.get(ModelVersion, stage.candidate_version)
         assert refused is not None and not refused.active
@@ -228,12 +235,12 @@ def test_a_crashed_retrain_continues_where_it_stopped(
     before = _versions(app)
     monkeypatch.setattr(retrain_module, "train_stir", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        retrain(world.settings, config, app=app, log=print)
+        retrain(world.settings, config, services=RetrainServices.of(app), log=print)
     monkeypatch.undo()
     after_crash = _versions(app)
     assert len(after_crash) == len(before) + 1  # the embedder candidate, recorded
     lines: list[str] = []
-    report = retrain(world.settings, config, app=app, log=lines.append)
+    report = retrain(world.settings, config, services=RetrainServices.of(app), log=lines.append)
     assert any("embedder: candidate already trained" in line for line in lines)
     assert not any("embedder epoch" in line for line in lines)
     assert report.stages["embedder"].candidate_version == after_crash[-1]
@@ -258,7 +265,7 @@ def test_stir_from_logged_feedback_is_gated_and_eval_reports_it(world: World) ->
     config = dataclasses.replace(
         config, stir=dataclasses.replace(config.stir, steps=6, n_labels=8, n_instances=2)
     )
-    report = retrain(world.settings, config, app=app, log=print)
+    report = retrain(world.settings, config, services=RetrainServices.of(app), log=print)
     assert report.data["query_images"] == 1 and report.data["hard_negatives"] == 1
     stage = report.stages["stir"]
     assert stage.decision is not None and stage.candidate is not None
@@ -285,7 +292,11 @@ def test_stir_from_logged_feedback_is_gated_and_eval_reports_it(world: World) ->
     active = active_version(app.db, ModelKind.STIR)
     assert (active is not None and active.id == stage.candidate_version) == stage.promoted
 
-    live = evaluate_live(app, load_query_set(world.queries))
+    live = evaluate_live(
+        app.search_service(app.in_process_rerank_stage(), record_queries=False),
+        load_query_set(world.queries),
+        max_bytes=app.settings.max_image_bytes,
+    )
     assert live.n_queries == 100 and set(live.rows) == (
         {"embedder", "stir@5", "stir@10"} if stage.promoted else {"embedder"}
     )

@@ -202,9 +202,9 @@ def test_an_ingest_finishes_when_the_broker_loses_one_of_its_tasks(
         with app.db.session() as session:
             rows = session.execute(select(Image.status, Image.point_id)).all()
         assert len(rows) == total and {status for status, _ in rows} == {ImageStatus.INDEXED}
-        collection = app.index.resolve_alias(settings.collection_alias)
+        collection = app.index("read").resolve_alias(settings.collection_alias)
         assert collection is not None
-        points = list(app.index.iter_point_ids(collection))
+        points = list(app.index("read").iter_point_ids(collection))
         assert len(points) == len(set(points)) == total
         assert set(points) == {point for _, point in rows}
     finally:

@@ -1,11 +1,12 @@
 """The learning loop: ``python -m trainer.retrain``.
 
 Reads the catalog, the logged queries and the feedback from the DB, splits them by product
-(:mod:`searchsvc.learning.training_data`), trains a new embedder and a new STIR, evaluates them
-against the serving models on the same validation split (:mod:`searchsvc.learning.evaluation`), and
-promotes only what wins (:mod:`searchsvc.learning.promotion`): a new embedder is re-embedded into a
-new collection and switched to in one alias move, with queries served by the old models
-throughout; a new STIR is switched to by activating it.
+(:mod:`searchsvc.learning.training_data`), trains a new embedder and a new STIR, evaluates
+them against the serving models on the same validation split
+(:mod:`searchsvc.learning.evaluation`), and promotes only what wins
+(:mod:`searchsvc.learning.gate`, :mod:`searchsvc.jobs.switch`): a new embedder is
+re-embedded into a new collection and switched to in one alias move, with queries served by
+the old models throughout; a new STIR is switched to by activating it.
 
 Resumable: a run's files live in ``$SEARCHSVC_HOME/retrain/run-<fingerprint>``, the
 fingerprint covering the data, the configuration and the serving versions. Run the same
@@ -28,36 +29,32 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import click
 import numpy as np
+from tqdm import tqdm
 
 from searchsvc.app import App
 from searchsvc.core.config import Settings, load_settings
 from searchsvc.core.errors import SearchsvcError
-from searchsvc.jobs.model_store import ActiveVersion, active_version, ensure_active_embedder
+from searchsvc.core.files import config_path_for
+from searchsvc.jobs.model_files import ensure_active_embedder
+from searchsvc.jobs.switch import SwapReport, switch_stir
 from searchsvc.learning.evaluation import (
     KS,
     TOP_NS,
     EvalReport,
     EvalSet,
+    FirstStageResult,
     evaluate,
     format_table,
     rank_eval_set,
 )
-from searchsvc.learning.promotion import (
-    Gate,
-    GateDecision,
-    SwapReport,
-    decide,
-    promote_embedder,
-    promote_stir,
-    record_candidate,
-    update_metrics,
-)
+from searchsvc.learning.gate import Gate, GateDecision, decide, record_candidate
 from searchsvc.learning.training_data import (
     DataSplit,
     LabelledImage,
@@ -69,7 +66,6 @@ from searchsvc.learning.training_data import (
     require_val_queries,
     split_data,
 )
-from searchsvc.models.checkpoint import config_path_for
 from searchsvc.models.embedder import (
     Embedder,
     EmbeddingNet,
@@ -80,7 +76,9 @@ from searchsvc.models.embedder import (
 )
 from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.stir import StirNet, StirScorer, load_stir, save_stir
-from searchsvc.storage.db import ModelKind
+from searchsvc.storage.db import Database, ModelKind
+from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.versions import VersionRef, active_version, merge_metrics
 from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
 from trainer.loop import Budget, Log, TrainResult, stderr_log
@@ -238,31 +236,63 @@ class _RunState:
         tmp.replace(self.path)
 
 
+@dataclass(frozen=True)
+class RetrainServices:
+    """What a retrain needs of the running system: the metadata DB, the pixel store (cached
+    copies of the catalog's pixels) and the embedder switch (re-embed, then move the alias:
+    the only step that opens the index)."""
+
+    db: Database
+    pixels: PixelStore
+    switch_embedder: Callable[[int, Callable[[int, int], None] | None], SwapReport]
+
+    @classmethod
+    def of(cls, app: App) -> RetrainServices:
+        return cls(app.db, app.pixels, app.switch_embedder)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every stage of one retrain reads."""
+
+    settings: Settings
+    config: RetrainConfig
+    services: RetrainServices
+    state: _RunState
+    data: TrainingData
+    split: DataSplit
+    val_set: EvalSet
+    train_set: TrainSet
+    run_dir: Path
+    log: Log
+
+
 def retrain(
     settings: Settings,
     config: RetrainConfig,
     *,
     data: TrainingData | None = None,
-    app: App | None = None,
+    services: RetrainServices | None = None,
     log: Log = stderr_log,
 ) -> RetrainReport:
     """Train, evaluate, gate and (unless told not to) promote; see the module docstring.
 
-    ``data`` replaces what the DB holds (a benchmark's own labelled set); ``app`` is the
-    process's App (its index is the one the switch uses: an embedded store opens once).
+    ``data`` replaces what the DB holds (a benchmark's own labelled set); ``services`` are
+    the caller's (its index is the one the switch uses: an embedded store opens once); by
+    default the retrain builds its own.
     """
     started = time.monotonic()
     budget_s = None if config.max_minutes is None else config.max_minutes * 60
-    owns_app = app is None
-    app = app or App(settings)
+    own_app = App(settings) if services is None else None
+    services = services or RetrainServices.of(own_app)  # type: ignore[arg-type]
     try:
-        data = data or load_training_data(app.db)
+        data = data or load_training_data(services.db)
         if not any(i.source == "catalog" for i in data.images):
             raise SearchsvcError("no indexed catalog images: run 'searchsvc ingest CATALOG' first")
         split = split_data(data, seed=config.split_seed, val_fraction=config.val_fraction)
         require_val_queries(split)
-        serving = ensure_active_embedder(app.db, settings)
-        serving_stir = active_version(app.db, ModelKind.STIR)
+        serving = ensure_active_embedder(services.db, settings)
+        serving_stir = active_version(services.db, ModelKind.STIR)
         serving_net = load_embedding_net(serving.file)
         load_size = load_size_for(serving_net.spec.input_size)
         fingerprint = _fingerprint(config, data, serving, serving_stir, load_size)
@@ -286,30 +316,17 @@ def retrain(
             return report
 
         state = _RunState(run_dir, fingerprint, fresh=not config.resume)
-        loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, app.pixels)
+        loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, services.pixels)
         val_set = EvalSet.from_split(split, loader)
         train_set, negatives = _training_pixels(split, loader, load_size, config.progress, log)
+        run = _Run(settings, config, services, state, data, split, val_set, train_set, run_dir, log)
         share = config.embedder_share if config.only == "both" else 1.0
         total = Budget(None if budget_s is None else started + budget_s)
         embedder_budget = Budget(None if budget_s is None else started + share * budget_s)
 
         serving_after = serving_net
-        new_net: EmbeddingNet | None = None
         if config.only in ("both", "embedder"):
-            outcome, new_net = _embedder_stage(
-                app,
-                config,
-                state,
-                data,
-                split,
-                val_set,
-                train_set,
-                serving,
-                serving_net,
-                embedder_budget,
-                run_dir,
-                log,
-            )
+            outcome, new_net = _embedder_stage(run, serving, serving_net, embedder_budget)
             report.stages["embedder"] = outcome
             if outcome.decision is not None and outcome.decision.passed:
                 serving_after = new_net
@@ -321,31 +338,17 @@ def retrain(
             log("stir: skipped, the time budget is spent (give --max-minutes more, or --only stir)")
             report.stages["stir"] = StageOutcome("stir", skipped="time budget spent")
         elif config.only in ("both", "stir"):
-            report.stages["stir"] = _stir_stage(
-                app,
-                config,
-                state,
-                data,
-                split,
-                val_set,
-                train_set,
-                negatives,
-                serving_after,
-                serving_stir,
-                total,
-                run_dir,
-                log,
-            )
+            report.stages["stir"] = _stir_stage(run, negatives, serving_after, serving_stir, total)
         # Both switches at the end, the embedder first: the STIR was gated on the embedder
         # that serves after it, and the index (one process at a time when embedded) is
         # opened only now, for the seconds of the re-embedding.
         if config.promote:
             embedder_stage = report.stages.get("embedder")
             if embedder_stage and embedder_stage.decision and embedder_stage.decision.passed:
-                _promote_embedder_stage(app, config, state, embedder_stage, log)
+                _promote_embedder_stage(run, embedder_stage)
             stir_stage = report.stages.get("stir")
             if stir_stage and stir_stage.decision and stir_stage.decision.passed:
-                _promote_stir_stage(app, stir_stage, log)
+                _promote_stir_stage(run, stir_stage)
         report.seconds = time.monotonic() - started
         state.data["finished"] = True
         state.save()
@@ -356,15 +359,15 @@ def retrain(
             _remove_checkpoint(leftover)
         return report
     finally:
-        if owns_app:
-            app.close()
+        if own_app is not None:
+            own_app.close()
 
 
 def _fingerprint(
     config: RetrainConfig,
     data: TrainingData,
-    serving: ActiveVersion,
-    serving_stir: ActiveVersion | None,
+    serving: VersionRef,
+    serving_stir: VersionRef | None,
     load_size: int,
 ) -> str:
     blob = json.dumps(
@@ -434,19 +437,15 @@ def _training_pixels(
 
 
 def _training_record(
-    config: RetrainConfig,
-    split: DataSplit,
-    result: TrainResult | None,
-    stage: str,
-    spec: EmbedderSpec,
-    data: TrainingData,
+    run: _Run, result: TrainResult | None, stage: str, spec: EmbedderSpec
 ) -> dict[str, Any]:
+    config = run.config
     sub: EmbedderTrainConfig | StirTrainConfig = (
         config.embedder.resolve(spec) if stage == "embedder" else config.stir
     )
     return {
-        "data": data.counts,
-        "split": split.record,
+        "data": run.data.counts,
+        "split": run.split.record,
         "seeds": {"split": config.split_seed, stage: sub.seed},
         "config": sub.to_json(),
         "gate": {"metric": config.gate_metric, "margin": config.gate_margin},
@@ -455,174 +454,173 @@ def _training_record(
     }
 
 
+Net = TypeVar("Net", EmbeddingNet, StirNet)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """A candidate's evaluation beside the serving model's, and the gate's numbers."""
+
+    candidate: EvalReport
+    baseline: EvalReport
+    shown: dict[str, EvalReport]
+    """The table the log prints."""
+    candidate_value: float
+    baseline_value: float
+    baseline_version: int | None
+    what: str
+
+
+@dataclass(frozen=True)
+class _Stage(Generic[Net]):
+    """One model's way through the loop, as plug-ins of :func:`_run_stage`."""
+
+    kind: ModelKind
+    load: Callable[[Path], Net]
+    train: Callable[[Path], tuple[Net, dict[str, Any]]]
+    """Trains a candidate, writes it to the given file; returns it and its training record."""
+    judge: Callable[[Net], _Verdict]
+
+
+def _run_stage(run: _Run, stage: _Stage[Net]) -> tuple[StageOutcome, Net]:
+    """Train a candidate (once: a resumed run reloads it), evaluate it beside what serves,
+    let the gate decide, and record it as a version (once, too)."""
+    name = stage.kind.value
+    progress = run.state.stage(name)
+    candidate_file = run.run_dir / f"{name}-candidate.safetensors"
+    outcome = StageOutcome(name)
+    if "train" in progress and candidate_file.is_file():
+        net = stage.load(candidate_file)
+        outcome.train = progress["train"]
+        run.log(f"{name}: candidate already trained ({candidate_file})")
+    else:
+        net, outcome.train = stage.train(candidate_file)
+        progress["train"] = outcome.train
+        run.state.save()
+
+    if "version_id" in progress:  # the decision a resumed run already recorded
+        outcome.candidate_version = progress["version_id"]
+        outcome.decision = GateDecision(**progress["decision"])
+        outcome.candidate = EvalReport(**progress["candidate"])
+        outcome.baseline = EvalReport(**progress["baseline"])
+        return outcome, net
+    verdict = stage.judge(net)
+    decision = decide(
+        run.config.gate, verdict.candidate_value, verdict.baseline_value, what=verdict.what
+    )
+    run.log(format_table(verdict.shown))
+    run.log(decision.reason)
+    version_id = record_candidate(
+        run.services.db,
+        run.settings,
+        stage.kind,
+        candidate_file,
+        metrics={
+            "validation": verdict.candidate.to_json(),
+            "baseline": {"version": verdict.baseline_version, **verdict.baseline.to_json()},
+            "gate": decision.to_json(),
+            "promoted": False,
+        },
+        training=outcome.train or {},
+        notes=f"retrain candidate: {decision.reason}",
+    )
+    outcome.candidate_version, outcome.decision = version_id, decision
+    outcome.candidate, outcome.baseline = verdict.candidate, verdict.baseline
+    progress.update(
+        version_id=version_id,
+        decision=decision.to_json(),
+        candidate=verdict.candidate.to_json(),
+        baseline=verdict.baseline.to_json(),
+    )
+    run.state.save()
+    return outcome, net
+
+
 def _embedder_stage(
-    app: App,
-    config: RetrainConfig,
-    state: _RunState,
-    data: TrainingData,
-    split: DataSplit,
-    val_set: EvalSet,
-    train_set: TrainSet,
-    serving: ActiveVersion,
-    serving_net: EmbeddingNet,
-    budget: Budget,
-    run_dir: Path,
-    log: Log,
+    run: _Run, serving: VersionRef, serving_net: EmbeddingNet, budget: Budget
 ) -> tuple[StageOutcome, EmbeddingNet]:
-    settings = app.settings
-    stage = state.stage("embedder")
-    candidate_file = run_dir / "embedder-candidate.safetensors"
-    outcome = StageOutcome("embedder")
+    settings, config = run.settings, run.config
 
     def embedder_of(net: EmbeddingNet) -> Embedder:
         return Embedder(net, device=settings.device, precision=settings.precision)
 
-    if "train" in stage and candidate_file.is_file():
-        net = load_embedding_net(candidate_file)
-        outcome.train = stage["train"]
-        log(f"embedder: candidate already trained ({candidate_file})")
-    else:
+    def train(candidate_file: Path) -> tuple[EmbeddingNet, dict[str, Any]]:
         if config.init == "active":
             net = copy.deepcopy(serving_net)
         else:
-            spec = profile_spec(settings.embedder_profile)
-            net = new_embedding_net(spec, seed=config.embedder.seed)
+            net = new_embedding_net(
+                profile_spec(settings.embedder_profile), seed=config.embedder.seed
+            )
 
         def validate(model: Any) -> dict[str, float]:
             return rank_eval_set(
-                val_set, embedder_of(model), batch_size=settings.batch_size
+                run.val_set, embedder_of(model), batch_size=settings.batch_size
             ).base.metrics
 
-        state_file = run_dir / "embedder-state.safetensors"
+        state_file = run.run_dir / "embedder-state.safetensors"
         result = train_embedder(
             net,
-            train_set,
+            run.train_set,
             config.embedder,
             validate=validate,
             budget=budget,
             state_path=state_file,
-            log=log,
+            log=run.log,
             progress=config.progress,
         )
-        outcome.train = _training_record(config, split, result, "embedder", net.spec, data)
-        save_embedder(net.cpu(), candidate_file, {"training": outcome.train})
+        record = _training_record(run, result, "embedder", net.spec)
+        save_embedder(net.cpu(), candidate_file, {"training": record})
         _remove_checkpoint(state_file)
-        stage["train"] = outcome.train
-        state.save()
+        return net, record
 
-    if "version_id" in stage:
-        _restore_decision(outcome, stage)
-    else:
+    def judge(net: EmbeddingNet) -> _Verdict:
         candidate = evaluate(
-            val_set,
+            run.val_set,
             embedder_of(net),
             batch_size=settings.batch_size,
             models={"embedder": "candidate"},
         )
         baseline = evaluate(
-            val_set,
+            run.val_set,
             embedder_of(serving_net),
             batch_size=settings.batch_size,
             models={"embedder": f"v{serving.id}"},
         )
-        decision = decide(
-            config.gate,
+        return _Verdict(
+            candidate,
+            baseline,
+            {"serving": baseline, "candidate": candidate},
             candidate.metric(config.gate_metric),
             baseline.metric(config.gate_metric),
-            what="embedder",
+            serving.id,
+            "embedder",
         )
-        log(format_table({"serving": baseline, "candidate": candidate}))
-        log(decision.reason)
-        version_id = record_candidate(
-            app.db,
-            settings,
-            ModelKind.EMBEDDER,
-            candidate_file,
-            metrics={
-                "validation": candidate.to_json(),
-                "baseline": {"version": serving.id, **baseline.to_json()},
-                "gate": decision.to_json(),
-                "promoted": False,
-            },
-            training=outcome.train or {},
-            notes=f"retrain candidate: {decision.reason}",
-        )
-        _record_decision(outcome, stage, state, version_id, decision, candidate, baseline)
 
-    return outcome, net
-
-
-def _promote_embedder_stage(
-    app: App, config: RetrainConfig, state: _RunState, outcome: StageOutcome, log: Log
-) -> None:
-    """Re-embed and switch (once: a resumed run that already switched only reports it)."""
-    stage = state.stage("embedder")
-    assert outcome.candidate_version is not None
-    if not stage.get("swapped"):
-        log(f"embedder: re-embedding the catalog with v{outcome.candidate_version}")
-        swap = _swap(app, outcome.candidate_version, config.progress)
-        update_metrics(app.db, outcome.candidate_version, promoted=True, swap=swap.to_json())
-        stage.update(swapped=True, swap=swap.to_json())
-        state.save()
-        log(
-            f"embedder: v{outcome.candidate_version} serves; collection "
-            f"{swap.collection} ({swap.images_embedded} images, {swap.seconds:.1f} s), "
-            f"{swap.previous_collection} kept until a cleanup"
-        )
-    outcome.promoted = True
-    outcome.swap = SwapReport(**stage["swap"])
-
-
-def _swap(app: App, version_id: int, progress: bool) -> SwapReport:
-    from tqdm import tqdm
-
-    with tqdm(desc="re-embed", unit="img", disable=not progress) as bar:
-
-        def report(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        return promote_embedder(app, version_id, progress=report)
+    return _run_stage(run, _Stage(ModelKind.EMBEDDER, load_embedding_net, train, judge))
 
 
 def _stir_stage(
-    app: App,
-    config: RetrainConfig,
-    state: _RunState,
-    data: TrainingData,
-    split: DataSplit,
-    val_set: EvalSet,
-    train_set: TrainSet,
+    run: _Run,
     negatives: np.ndarray,
     serving_net: EmbeddingNet,
-    serving_stir: ActiveVersion | None,
+    serving_stir: VersionRef | None,
     budget: Budget,
-    run_dir: Path,
-    log: Log,
 ) -> StageOutcome:
     """STIR is trained from (and mined with) the embedder that serves after the embedder
     stage: the new one when it was promoted. Its gate compares reranking that embedder's
     results with the serving reranker (or with no reranker, when none is active)."""
-    settings = app.settings
-    stage = state.stage("stir")
-    candidate_file = run_dir / "stir-candidate.safetensors"
-    outcome = StageOutcome("stir")
+    settings, config, log = run.settings, run.config, run.log
     top_n = settings.rerank_top_n
     top_ns = sorted({*TOP_NS, top_n})
     embedder = Embedder(serving_net, device=settings.device, precision=settings.precision)
     first_stage = rank_eval_set(
-        val_set, embedder, depth=max([*KS, *top_ns]), batch_size=settings.batch_size
+        run.val_set, embedder, depth=max([*KS, *top_ns]), batch_size=settings.batch_size
     )
 
     def scorer_of(net: StirNet) -> StirScorer:
         return StirScorer(net, device=settings.device, precision=settings.precision)
 
-    if "train" in stage and candidate_file.is_file():
-        net = load_stir(candidate_file)
-        outcome.train = stage["train"]
-        log(f"stir: candidate already trained ({candidate_file})")
-    else:
-
+    def train(candidate_file: Path) -> tuple[StirNet, dict[str, Any]]:
         def validate(model: Any) -> dict[str, float]:
             # Score calibration: the fusion weight that reranks this split best (0 = STIR
             # alone) is part of what validation selects. One pair order here: the choice
@@ -633,26 +631,27 @@ def _stir_stage(
 
         embeddings = frozen_embeddings(
             serving_net,
-            train_set,
+            run.train_set,
             device=settings.device,
             precision=settings.precision,
-            cache_path=run_dir / "stir-train-embeddings.safetensors",
+            cache_path=run.run_dir / "stir-train-embeddings.safetensors",
         )
         net, result = train_stir(
             serving_net,
-            train_set,
+            run.train_set,
             config.stir,
             embeddings=embeddings,
             hard_negatives=negatives,
             validate=validate,
             budget=budget,
-            state_path=run_dir / "stir-state.safetensors",
+            state_path=run.run_dir / "stir-state.safetensors",
             log=log,
             progress=config.progress,
         )
         choice, options = choose_scoring(
             net, first_stage, top_n, device=settings.device, precision=settings.precision
         )
+        net.config = replace(net.config, calibrated_top_n=top_n)
         log(
             f"stir: scoring chosen on validation: "
             f"{'symmetric' if choice.symmetric else 'one way'}, fusion weight "
@@ -663,94 +662,99 @@ def _stir_stage(
             )
             + ")"
         )
-        outcome.train = _training_record(config, split, result, "stir", serving_net.spec, data)
-        outcome.train["hard_negatives_used"] = int(len(negatives))
-        outcome.train["scoring"] = {
+        record = _training_record(run, result, "stir", serving_net.spec)
+        record["hard_negatives_used"] = int(len(negatives))
+        record["scoring"] = {
             "fusion_weight": choice.fusion_weight,
             "symmetric": choice.symmetric,
+            "calibrated_top_n": top_n,
             "options": [
                 {"symmetric": o.symmetric, "fusion_weight": o.fusion_weight, **o.rows}
                 for o in options
             ],
         }
-        save_stir(net.cpu(), candidate_file, {"training": outcome.train})
-        _remove_checkpoint(run_dir / "stir-state.safetensors")
-        stage["train"] = outcome.train
-        state.save()
+        save_stir(net.cpu(), candidate_file, {"training": record})
+        _remove_checkpoint(run.run_dir / "stir-state.safetensors")
+        return net, record
 
-    if "version_id" in stage:
-        _restore_decision(outcome, stage)
-    else:
+    def judge(net: StirNet) -> _Verdict:
         base_rows = {"embedder": first_stage.base.metrics}
-        candidate_rows = {
-            **base_rows,
-            **first_stage.reranked(
-                scorer_of(net).score_pairs,
-                net.spec.input_size,
-                top_ns,
-                fusion_weight=net.config.fusion_weight,
-            ),
-        }
-        candidate = _report(first_stage, candidate_rows, {"stir": "candidate"})
+
+        def reranked_by(scorer: StirScorer) -> dict[str, dict[str, float]]:
+            return {
+                **base_rows,
+                **first_stage.reranked(
+                    scorer.score_pairs,
+                    scorer.info.input_size,
+                    top_ns,
+                    fusion_weight=scorer.info.fusion_weight,
+                ),
+            }
+
+        candidate = _report(first_stage, reranked_by(scorer_of(net)), {"stir": "candidate"})
         if serving_stir is not None:
             serving_scorer = StirScorer.from_file(
                 serving_stir.file, device=settings.device, precision=settings.precision
             )
-            baseline_rows = {
-                **base_rows,
-                **first_stage.reranked(
-                    serving_scorer.score_pairs,
-                    serving_scorer.info.input_size,
-                    top_ns,
-                    fusion_weight=serving_scorer.info.fusion_weight,
-                ),
-            }
-            baseline = _report(first_stage, baseline_rows, {"stir": f"v{serving_stir.id}"})
+            baseline = _report(
+                first_stage, reranked_by(serving_scorer), {"stir": f"v{serving_stir.id}"}
+            )
             baseline_value = baseline.metric(config.gate_metric, f"stir@{top_n}")
         else:
             baseline = _report(first_stage, base_rows, {"stir": "none"})
             baseline_value = baseline.metric(config.gate_metric, "embedder")
-        decision = decide(
-            config.gate,
+        stir_rows = {k: v for k, v in candidate.rows.items() if k != "embedder"}
+        return _Verdict(
+            candidate,
+            baseline,
+            {"serving": baseline, "candidate": replace(candidate, rows=stir_rows)},
             candidate.metric(config.gate_metric, f"stir@{top_n}"),
             baseline_value,
-            what=f"stir at top_n {top_n}",
+            None if serving_stir is None else serving_stir.id,
+            f"stir at top_n {top_n}",
         )
-        stir_rows = {k: v for k, v in candidate.rows.items() if k != "embedder"}
-        log(format_table({"serving": baseline, "candidate": replace(candidate, rows=stir_rows)}))
-        log(decision.reason)
-        version_id = record_candidate(
-            app.db,
-            settings,
-            ModelKind.STIR,
-            candidate_file,
-            metrics={
-                "validation": candidate.to_json(),
-                "baseline": {
-                    "version": None if serving_stir is None else serving_stir.id,
-                    **baseline.to_json(),
-                },
-                "gate": decision.to_json(),
-                "promoted": False,
-            },
-            training=outcome.train or {},
-            notes=f"retrain candidate: {decision.reason}",
-        )
-        _record_decision(outcome, stage, state, version_id, decision, candidate, baseline)
 
+    outcome, _ = _run_stage(run, _Stage(ModelKind.STIR, load_stir, train, judge))
     return outcome
 
 
-def _promote_stir_stage(app: App, outcome: StageOutcome, log: Log) -> None:
+def _promote_embedder_stage(run: _Run, outcome: StageOutcome) -> None:
+    """Re-embed and switch (once: a resumed run that already switched only reports it)."""
+    stage = run.state.stage("embedder")
     assert outcome.candidate_version is not None
-    promote_stir(app.db, outcome.candidate_version)
-    update_metrics(app.db, outcome.candidate_version, promoted=True)
+    if not stage.get("swapped"):
+        run.log(f"embedder: re-embedding the catalog with v{outcome.candidate_version}")
+        with tqdm(desc="re-embed", unit="img", disable=not run.config.progress) as bar:
+
+            def report(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            swap = run.services.switch_embedder(outcome.candidate_version, report)
+        merge_metrics(
+            run.services.db, outcome.candidate_version, promoted=True, swap=swap.to_json()
+        )
+        stage.update(swapped=True, swap=swap.to_json())
+        run.state.save()
+        run.log(
+            f"embedder: v{outcome.candidate_version} serves; collection "
+            f"{swap.collection} ({swap.images_embedded} images, {swap.seconds:.1f} s), "
+            f"{swap.previous_collection} kept until a cleanup"
+        )
     outcome.promoted = True
-    log(f"stir: v{outcome.candidate_version} serves from the next query on")
+    outcome.swap = SwapReport(**stage["swap"])
+
+
+def _promote_stir_stage(run: _Run, outcome: StageOutcome) -> None:
+    assert outcome.candidate_version is not None
+    switch_stir(run.services.db, outcome.candidate_version)
+    merge_metrics(run.services.db, outcome.candidate_version, promoted=True)
+    outcome.promoted = True
+    run.log(f"stir: v{outcome.candidate_version} serves from the next query on")
 
 
 def _report(
-    first_stage: Any, rows: dict[str, dict[str, float]], models: dict[str, str]
+    first_stage: FirstStageResult, rows: dict[str, dict[str, float]], models: dict[str, str]
 ) -> EvalReport:
     return EvalReport(
         rows=rows,
@@ -765,39 +769,6 @@ def _remove_checkpoint(path: Path) -> None:
     """A finished stage's training state is no longer needed (the candidate file is)."""
     path.unlink(missing_ok=True)
     config_path_for(path).unlink(missing_ok=True)
-
-
-def _restore_decision(outcome: StageOutcome, stage: dict[str, Any]) -> None:
-    """The gate's decision a resumed run already recorded (see :func:`_record_decision`)."""
-    outcome.candidate_version = stage["version_id"]
-    outcome.decision = GateDecision(**stage["decision"])
-    outcome.candidate = EvalReport(**stage["candidate"])
-    outcome.baseline = EvalReport(**stage["baseline"])
-
-
-def _record_decision(
-    outcome: StageOutcome,
-    stage: dict[str, Any],
-    state: _RunState,
-    version_id: int,
-    decision: GateDecision,
-    candidate: EvalReport,
-    baseline: EvalReport,
-) -> None:
-    """Keep a stage's gate decision on its outcome and in the resumable run state."""
-    outcome.candidate_version, outcome.decision = version_id, decision
-    outcome.candidate, outcome.baseline = candidate, baseline
-    stage.update(
-        version_id=version_id,
-        decision=decision.to_json(),
-        candidate=_report_fields(candidate),
-        baseline=_report_fields(baseline),
-    )
-    state.save()
-
-
-def _report_fields(report: EvalReport) -> dict[str, Any]:
-    return {k: v for k, v in report.to_json().items()}
 
 
 # ------------------------------------------------------------------------------- the CLI

@@ -12,8 +12,7 @@ from celery import Celery
 from kombu import Queue
 
 from searchsvc.core.config import load_settings
-from searchsvc.jobs.dispatch import EMBED_QUEUE, RERANK_QUEUE
-from searchsvc.jobs.tasks import EMBED_TASK, RERANK_TASK
+from searchsvc.jobs.wire import EMBED_QUEUE, EMBED_TASK, RERANK_QUEUE, RERANK_TASK
 
 settings = load_settings()
 if not settings.broker_url:

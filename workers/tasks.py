@@ -6,10 +6,11 @@ from typing import Any
 
 from celery.signals import worker_process_init
 
-from searchsvc.app import App
+from searchsvc.app import build_task_context
 from searchsvc.core.errors import BrokerError, DatabaseError, IndexBackendError
 from searchsvc.jobs.dispatch import Payload
-from searchsvc.jobs.tasks import EMBED_TASK, RERANK_TASK, TaskContext, task_functions
+from searchsvc.jobs.tasks import TaskContext, task_functions
+from searchsvc.jobs.wire import EMBED_TASK, RERANK_TASK
 from workers.celery_app import app, settings
 
 # Errors worth a retry (a database or index briefly away); bad input is not retried: the
@@ -23,7 +24,7 @@ def context() -> TaskContext:
     """Built once per worker process (after the fork), models loaded on first use."""
     global _context
     if _context is None:
-        _context = App(settings).task_context()
+        _context = build_task_context(settings)
     return _context
 
 

@@ -1,7 +1,7 @@
 """How work reaches the task functions: in this process, or through Celery by task name.
 
 ``searchsvc`` never imports ``workers``: the Celery dispatcher sends tasks by their names
-(``searchsvc.jobs.tasks.EMBED_TASK`` ...), which the worker package registers.
+(``searchsvc.jobs.wire.EMBED_TASK`` ...), which the worker package registers.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from searchsvc.core.errors import BrokerError, SearchsvcError
 
 Payload = dict[str, Any]
 TaskFunction = Callable[[Payload], Payload]
-
-EMBED_QUEUE = "embed"
-RERANK_QUEUE = "rerank"
 
 
 class TaskFailed(SearchsvcError):

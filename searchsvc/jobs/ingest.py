@@ -11,7 +11,6 @@ point ids come from the content, so a repeated upsert overwrites instead of dupl
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,24 +21,12 @@ from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from searchsvc.core.config import Settings
-from searchsvc.core.errors import BrokerError, ImageError, SearchsvcError
+from searchsvc.core.errors import ImageError, SearchsvcError
 from searchsvc.core.images import content_hash, read_image_bytes
-from searchsvc.index import IndexPoint, VectorIndex, point_id_for
-from searchsvc.jobs.dispatch import (
-    EMBED_QUEUE,
-    Dispatcher,
-    Payload,
-    TaskHandle,
-    result_with_resends,
-)
-from searchsvc.jobs.model_store import ActiveVersion
-from searchsvc.jobs.tasks import (
-    EMBED_TASK,
-    EmbedItem,
-    EmbedRequest,
-    EmbedResponse,
-    decode_vector,
-)
+from searchsvc.index import VectorIndex, point_id_for
+from searchsvc.jobs.dispatch import Dispatcher
+from searchsvc.jobs.embed_pipeline import EmbedPipeline, write_points
+from searchsvc.jobs.wire import EmbedItem, EmbedRequest, EmbedResponse
 from searchsvc.storage.catalog import (
     CatalogImage,
     CatalogProblem,
@@ -50,6 +37,7 @@ from searchsvc.storage.catalog import (
 )
 from searchsvc.storage.db import Database, Image, ImageStatus, IngestRun, Product
 from searchsvc.storage.db.schema import utcnow
+from searchsvc.storage.versions import VersionRef
 
 MAX_PROBLEMS_KEPT = 200
 SCAN_BATCH = 512
@@ -100,14 +88,8 @@ ProgressCallback = Callable[[int, int], None]
 """Called with (images finished so far, images failed so far)."""
 
 
-@dataclass
-class _Pending:
-    """An embed task in flight and the rows it covers."""
-
-    handle: TaskHandle
-    items: list[EmbedItem]
-    old_points: dict[int, str | None]  # image id -> point to delete once replaced
-    payload: Payload  # the request, to send again
+OldPoints = dict[int, str | None]
+"""Image id -> the point its new content replaces (deleted once the new one is written)."""
 
 
 class IngestCoordinator:
@@ -117,7 +99,7 @@ class IngestCoordinator:
         db: Database,
         index: VectorIndex | None,
         dispatcher: Dispatcher,
-        embedder: ActiveVersion,
+        embedder: VersionRef,
         embedder_dim: int,
         *,
         max_in_flight: int = 2,
@@ -237,13 +219,40 @@ class IngestCoordinator:
     def _ingest_images(
         self, root: Path, summary: IngestSummary, progress: ProgressCallback | None
     ) -> None:
-        in_flight: collections.deque[_Pending] = collections.deque()
         done = 0
 
         def report() -> None:
             if progress is not None:
                 progress(done, summary.images_failed)
 
+        def collected(
+            request: EmbedRequest, old_points: OldPoints, response: EmbedResponse
+        ) -> None:
+            nonlocal done
+            done += self._record_results(request.items, old_points, response, summary)
+            report()
+
+        def failed(request: EmbedRequest, _: OldPoints, exc: SearchsvcError) -> None:
+            # The whole task failed (not one image): leave its rows pending for a re-run.
+            for item in request.items:
+                summary.add_problem(
+                    CatalogProblem(item.path, f"embed task failed, left pending ({exc})")
+                )
+            report()
+
+        def resent() -> None:
+            summary.tasks_resent += 1
+
+        pipeline: EmbedPipeline[OldPoints] = EmbedPipeline(
+            self.dispatcher,
+            in_flight=self.max_in_flight,
+            timeout_s=self.settings.embed_task_timeout_s,
+            resend_after_s=self.settings.embed_task_resend_s,
+            on_result=collected,
+            on_failure=failed,
+            on_resend=resent,
+            unfinished="unfinished images stay pending: run the ingest again to finish them",
+        )
         for batch in _batched(iter_images(root), SCAN_BATCH):
             images: list[CatalogImage] = []
             for entry in batch:
@@ -259,13 +268,14 @@ class IngestCoordinator:
             report()
             for start in range(0, len(to_embed), self.settings.batch_size):
                 chunk = to_embed[start : start + self.settings.batch_size]
-                in_flight.append(self._submit(chunk, old_points))
-                while len(in_flight) >= self.max_in_flight:
-                    done += self._collect(in_flight.popleft(), summary)
-                    report()
-        while in_flight:
-            done += self._collect(in_flight.popleft(), summary)
-            report()
+                request = EmbedRequest(
+                    items=chunk,
+                    embedder_version=self.embedder.id,
+                    collection=self._collection(),
+                    write_index=self.workers_write,
+                )
+                pipeline.submit(request, {i.image_id: old_points.get(i.image_id) for i in chunk})
+        pipeline.drain()
 
     def _register(
         self, images: list[CatalogImage], summary: IngestSummary
@@ -439,82 +449,22 @@ class IngestCoordinator:
                 )
         return to_embed, old_points, skipped
 
-    def _submit(self, items: list[EmbedItem], old_points: dict[int, str | None]) -> _Pending:
-        request = EmbedRequest(
-            items=items,
-            embedder_version=self.embedder.id,
-            embedder_file=str(self.embedder.file),
-            collection=self._collection(),
-            write_index=self.workers_write,
-        )
-        payload = request.to_json()
-        handle = self.dispatcher.submit(EMBED_TASK, payload, queue=EMBED_QUEUE)
-        return _Pending(
-            handle,
-            items,
-            {item.image_id: old_points.get(item.image_id) for item in items},
-            payload,
-        )
-
-    def _collect(self, pending: _Pending, summary: IngestSummary) -> int:
-        """Wait for one embed task, write its points, and record each image's outcome."""
-
-        def resent(_copy: int) -> None:
-            summary.tasks_resent += 1
-
-        try:
-            response = EmbedResponse.from_json(
-                result_with_resends(
-                    pending.handle,
-                    lambda: self.dispatcher.submit(EMBED_TASK, pending.payload, queue=EMBED_QUEUE),
-                    timeout_s=self.settings.embed_task_timeout_s,
-                    resend_after_s=self.settings.embed_task_resend_s,
-                    on_resend=resent,
-                )
-            )
-        except TimeoutError:
-            raise SearchsvcError(
-                f"no embed worker finished a task within {self.settings.embed_task_timeout_s:g} s "
-                "(are workers running on the 'embed' queue?); unfinished images stay pending: "
-                "run the ingest again to finish them"
-            ) from None
-        except BrokerError:
-            raise
-        except SearchsvcError as exc:
-            # The whole task failed (not one image): leave its rows pending for a re-run.
-            for item in pending.items:
-                summary.add_problem(
-                    CatalogProblem(item.path, f"embed task failed, left pending ({exc})")
-                )
-            return 0
-
-        by_id = {item.image_id: item for item in pending.items}
+    def _record_results(
+        self,
+        items: list[EmbedItem],
+        old_points: OldPoints,
+        response: EmbedResponse,
+        summary: IngestSummary,
+    ) -> int:
+        """Write one task's points and record each image's outcome; returns how many images
+        it finished."""
+        by_id = {item.image_id: item for item in items}
         new_points = {
-            item.image_id: point_id_for(item.product_id, item.content_hash)
-            for item in pending.items
+            item.image_id: point_id_for(item.product_id, item.content_hash) for item in items
         }
-        points = [
-            IndexPoint(
-                point_id=new_points[result.image_id],
-                vector=decode_vector(result.vector_b64),
-                product_id=by_id[result.image_id].product_id,
-                image_id=result.image_id,
-                category=by_id[result.image_id].category,
-            )
-            for result in response.results
-            if result.error is None and result.vector_b64 is not None
-        ]
         # A changed image's old point goes, whether or not its new content embedded.
-        stale = [
-            old
-            for image_id, old in pending.old_points.items()
-            if old and old != new_points[image_id]
-        ]
-        if self.index is not None:
-            if points:
-                self.index.upsert(self._collection(), points)
-            if stale:
-                self.index.delete(self._collection(), stale)
+        stale = [old for image_id, old in old_points.items() if old and old != new_points[image_id]]
+        write_points(self.index, self._collection(), items, response, stale=stale)
 
         # One executemany per outcome. The content-hash condition leaves a row alone when a
         # concurrent ingest registered newer bytes meanwhile: its own task finishes it.

@@ -10,10 +10,12 @@ Two ways to get a ranking:
   gallery is embedded and searched exactly (brute force, cosine), so two models are compared
   on identical items. Queries may be gallery items themselves (the SOP protocol): such a
   query is excluded from its own results and from its own ground truth;
-- a labelled **query set against the live index** (:func:`evaluate_live`): the served
-  embedder and reranker, the collection the alias names, nothing logged.
+- a labelled **query set against the live index** (:func:`evaluate_live`): each photo is
+  answered by the query path itself (:class:`~searchsvc.serving.search.SearchService`, the
+  one every caller uses), with the reranker the caller injects and nothing logged; items
+  are then products, as a shopper sees them.
 
-The rerank step is the query path's own: :func:`searchsvc.models.fusion.merge_reranked`.
+Reranking and fusion are the query path's own: :func:`searchsvc.models.fusion.rerank_order`.
 """
 
 from __future__ import annotations
@@ -26,11 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import func, select
 
 from searchsvc.core.errors import ImageError, SearchsvcError
-from searchsvc.core.images import IMAGE_SUFFIXES
-from searchsvc.jobs.model_store import active_version, served_embedder
+from searchsvc.core.images import IMAGE_SUFFIXES, read_image_bytes
 from searchsvc.learning.metrics import relevance_from_labels, retrieval_metrics
 from searchsvc.learning.training_data import (
     DataSplit,
@@ -42,13 +42,14 @@ from searchsvc.learning.training_data import (
     split_data,
 )
 from searchsvc.models.embedder import Embedder
-from searchsvc.models.fusion import fuse_distances, merge_reranked
+from searchsvc.models.fusion import rerank_order
 from searchsvc.models.stir import StirScorer
-from searchsvc.storage.db import Database, Image, ImageStatus, ModelKind
+from searchsvc.serving.search import SearchService
+from searchsvc.storage.db import Database, ModelKind
 from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.versions import active_version
 
 if TYPE_CHECKING:
-    from searchsvc.app import App
     from searchsvc.core.config import Settings
 
 KS = (1, 5, 10)
@@ -151,22 +152,6 @@ def score(
     )
 
 
-def rerank_order(distances: np.ndarray, stir_distances: np.ndarray, top_n: int) -> IntArray:
-    """Per query, the positions of the first-stage ranking in the reranked order: the first
-    ``top_n`` re-sorted by STIR distance, the rest unchanged (:func:`merge_reranked`)."""
-    dist = np.asarray(distances, dtype=np.float64)
-    stir = np.asarray(stir_distances, dtype=np.float64)
-    n = min(top_n, dist.shape[1])
-    if stir.shape != (dist.shape[0], n):
-        raise ValueError(f"expected ({dist.shape[0]}, {n}) STIR distances, got {stir.shape}")
-    if n < 2:
-        return np.tile(np.arange(dist.shape[1], dtype=np.int64), (dist.shape[0], 1))
-    return np.array(
-        [merge_reranked(row, s, n).order for row, s in zip(dist, stir, strict=True)],
-        dtype=np.int64,
-    )
-
-
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """Fusion weights tried by score calibration (0: STIR alone, the paper's rule)."""
 
@@ -236,6 +221,9 @@ class EvalReport:
     seconds: float = 0.0
     models: dict[str, str] = field(default_factory=dict)
     """Which versions were evaluated: ``{"embedder": "v1", "stir": "v3"}``."""
+    rerank_fallbacks: int = 0
+    """Queries a reranker should have served and did not (live evaluation): its rows are
+    then left out rather than reported as the first stage's."""
 
     def metric(self, name: str, row: str = "embedder") -> float:
         try:
@@ -255,6 +243,7 @@ class EvalReport:
             "unreadable": self.unreadable,
             "seconds": round(self.seconds, 3),
             "models": self.models,
+            "rerank_fallbacks": self.rerank_fallbacks,
         }
 
 
@@ -442,8 +431,7 @@ class FirstStageResult:
         """The metrics after reranking the first ``top_n`` by (fused) pair distances
         (:meth:`pair_distances`, at least ``top_n`` wide)."""
         n = min(top_n, self.ranked.shape[1])
-        fused = fuse_distances(self.distances[:, :n], pair_distances[:, :n], fusion_weight)
-        order = rerank_order(self.distances, fused, n)
+        order = rerank_order(self.distances, pair_distances[:, :n], n, fusion_weight)
         reordered = np.take_along_axis(self.ranked, order, axis=1)
         return score(self.gallery_labels[reordered], self.query_labels, self.n_relevant).metrics
 
@@ -565,100 +553,75 @@ def load_query_set(root: Path) -> list[LabelledQuery]:
     return queries
 
 
+NOT_RERANKABLE = ("fewer than 2 candidates", "no reranker is active")
+"""Why a query may rightly come back in first-stage order (anything else is a fallback)."""
+
+
+def _points_served(search: SearchService) -> int:
+    collection = search.index.resolve_alias(search.settings.collection_alias)
+    return search.index.count(collection) if collection else 0
+
+
 def evaluate_live(
-    app: App, queries: Sequence[LabelledQuery], *, top_ns: Sequence[int] = TOP_NS
+    search: SearchService,
+    queries: Sequence[LabelledQuery],
+    *,
+    top_ns: Sequence[int] = TOP_NS,
+    max_bytes: int,
 ) -> EvalReport:
-    """The served models on the live index: the embedder whose collection the alias names,
-    the active reranker (if any). Images are the items; a query's relevant items are its
-    product's indexed images. Nothing is written to the query log."""
+    """The served models on the live index, through the query path itself: each photo is
+    answered by ``search`` (the embedder whose collection the alias names, then, for each
+    ``top_n``, the reranker of ``search``'s rerank stage). Results are products; a query's
+    relevant item is its product. Nothing is written to the query log when ``search``
+    records nothing."""
     started = time.perf_counter()
-    settings = app.settings
-    served = served_embedder(app.db, app.index, settings.collection_alias)
-    collection = served.collection
-    assert collection is not None
-    _, embedder = app.models.embedder(served)
-    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels)
-    size = embedder.info.input_size
-    query_px, ok = loader.many([(q.path, "") for q in queries], size)
-    kept = [q for q, good in zip(queries, ok, strict=True) if good]
-    query_px = query_px[ok]
-    vectors = embedder.embed(query_px, batch_size=settings.batch_size)
     depth = max([*KS, *top_ns])
-    hits = [app.index.search(collection, vector, limit=depth) for vector in vectors]
-    width = max([len(h) for h in hits] + [1])
-    labels = np.full((len(kept), width), "", dtype=object)
-    image_ids = np.full((len(kept), width), -1, dtype=np.int64)
-    distances = np.full((len(kept), width), np.inf)
-    for n, row_hits in enumerate(hits):
-        for r, hit in enumerate(row_hits):
-            labels[n, r], image_ids[n, r], distances[n, r] = (
-                hit.product_id,
-                hit.image_id,
-                1 - hit.score,
-            )
-    query_labels = [q.label for q in kept]
-    with app.db.session() as session:
-        per_product = dict(
-            session.execute(
-                select(Image.product_id, func.count())
-                .where(Image.status == ImageStatus.INDEXED, Image.product_id.in_(set(query_labels)))
-                .group_by(Image.product_id)
-            ).all()
-        )
-    n_relevant = np.array([per_product.get(label, 0) for label in query_labels], dtype=np.int64)
-    base = score(labels, query_labels, n_relevant)
-    rows = {"embedder": base.metrics}
-    models = {"embedder": f"v{served.id}"}
-    stir_version = active_version(app.db, ModelKind.STIR)
-    full = bool(len(hits)) and all(len(h) == width for h in hits)
-    if stir_version is not None and full and width >= 2:
-        scorer, _ = app.models.stir(stir_version)
-        s_size = scorer.info.input_size
-        s_queries, _ = loader.many([(q.path, "") for q in kept], s_size)
-        hashes = _content_hashes(app, {int(i) for i in image_ids.reshape(-1)})
-        store = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, app.pixels)
-
-        def candidate_pixels(keys: np.ndarray) -> np.ndarray:
-            out = []
-            for key in keys:
-                path, digest = hashes[int(key)]
-                try:
-                    out.append(store.one(path, digest, s_size))
-                except ImageError:
-                    out.append(np.zeros((s_size, s_size, 3), np.uint8))
-            return np.stack(out)
-
-        widest = stir_distances(
-            scorer.score_pairs, s_queries, candidate_pixels, image_ids, max(top_ns)
-        )
+    rankings: dict[str, list[list[str]]] = {"embedder": []}
+    labels: list[str] = []
+    unreadable = 0
+    fallbacks: dict[str, int] = {}
+    models: dict[str, str] = {}
+    for query in queries:
+        try:
+            data = read_image_bytes(query.path, max_bytes)
+            plain = search.query(data, str(query.path), top_k=depth, rerank=False)
+        except ImageError:
+            unreadable += 1
+            continue
+        labels.append(query.label)
+        rankings["embedder"].append([r.product_id for r in plain.results])
+        models["embedder"] = f"v{plain.embedder_version}"
         for top_n in top_ns:
-            n = min(top_n, width)
-            fused = fuse_distances(distances[:, :n], widest[:, :n], scorer.info.fusion_weight)
-            order = rerank_order(distances, fused, n)
-            rows[f"stir@{top_n}"] = score(
-                np.take_along_axis(labels, order, axis=1), query_labels, n_relevant
-            ).metrics
-        models["stir"] = f"v{stir_version.id}"
+            answer = search.query(
+                data, str(query.path), top_k=depth, rerank=True, rerank_top_n=top_n
+            )
+            rankings.setdefault(f"stir@{top_n}", []).append([r.product_id for r in answer.results])
+            if answer.reranked:
+                models["stir"] = answer.reranker or ""
+            elif answer.rerank_reason not in NOT_RERANKABLE:
+                fallbacks[f"stir@{top_n}"] = fallbacks.get(f"stir@{top_n}", 0) + 1
+    # One relevant product per query: results are products, each listed once.
+    n_relevant = np.ones(len(labels), dtype=np.int64)
+    rows: dict[str, dict[str, float]] = {}
+    base: MetricRow | None = None
+    for name, ranked in rankings.items():
+        if name != "embedder" and (fallbacks.get(name) or "stir" not in models):
+            continue  # no reranker served these queries: the row would repeat the first stage
+        width = max([len(r) for r in ranked] + [1])
+        table = np.full((len(ranked), width), "", dtype=object)
+        for n, row in enumerate(ranked):
+            table[n, : len(row)] = row
+        scored = score(table, labels, n_relevant)
+        rows[name] = scored.metrics
+        base = base or scored
+    assert base is not None or not labels
     return EvalReport(
         rows=rows,
-        n_queries=base.n_queries,
-        n_skipped=base.n_skipped,
-        n_gallery=app.index.count(collection),
-        unreadable=int((~ok).sum()),
+        n_queries=base.n_queries if base else 0,
+        n_skipped=base.n_skipped if base else 0,
+        n_gallery=_points_served(search),
+        unreadable=unreadable,
         seconds=time.perf_counter() - started,
         models=models,
+        rerank_fallbacks=sum(fallbacks.values()),
     )
-
-
-def _content_hashes(app: App, image_ids: set[int]) -> dict[int, tuple[Path, str]]:
-    out: dict[int, tuple[Path, str]] = {}
-    ids = sorted(i for i in image_ids if i >= 0)
-    for start in range(0, len(ids), 512):
-        with app.db.session() as session:
-            for image_id, path, digest in session.execute(
-                select(Image.id, Image.source_path, Image.content_hash).where(
-                    Image.id.in_(ids[start : start + 512])
-                )
-            ).all():
-                out[image_id] = (Path(path), digest)
-    return out

@@ -17,10 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from searchsvc.core.errors import ModelError
-
-
-def config_path_for(weights_path: Path) -> Path:
-    return weights_path.with_suffix(".json")
+from searchsvc.core.files import config_path_for
 
 
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:

@@ -137,3 +137,76 @@ def fuse_distances(
     span = high - low
     relative = np.divide(first - low, span, out=np.zeros_like(first), where=span > 0)
     return np.clip((stir + weight * relative) / (1 + weight), 0.0, 1.0)
+
+
+def rerank_order(
+    distances: np.ndarray, stir_distances: np.ndarray, top_n: int, fusion_weight: float = 0.0
+) -> NDArray[np.int64]:
+    """Many queries at once: ``(Q, K)`` first-stage distances (best first) and ``(Q, n)``
+    STIR distances of each query's first ``n = min(top_n, K)`` -> ``(Q, K)`` positions of
+    the first-stage ranking in the reranked order (fused by ``fusion_weight``, then merged
+    as :func:`merge_reranked` does). With ``n < 2`` the first-stage order stands."""
+    dist = np.asarray(distances, dtype=np.float64)
+    stir = np.asarray(stir_distances, dtype=np.float64)
+    n = min(top_n, dist.shape[1])
+    if stir.shape != (dist.shape[0], n):
+        raise ValueError(f"expected ({dist.shape[0]}, {n}) STIR distances, got {stir.shape}")
+    if n < 2:
+        return np.tile(np.arange(dist.shape[1], dtype=np.int64), (dist.shape[0], 1))
+    fused = fuse_distances(dist[:, :n], stir, fusion_weight)
+    return np.array(
+        [merge_reranked(row, s, n).order for row, s in zip(dist, fused, strict=True)],
+        dtype=np.int64,
+    )
+
+
+def resolve_top_n(requested: int | None, *, default: int, top_k: int) -> int:
+    """How many first-stage results a query reranks: the one place that decides it.
+
+    The configured default shrinks to a smaller ``top_k``; an explicit request must lie in
+    ``2..top_k`` (STIR reorders at least two candidates)."""
+    if requested is None:
+        return min(default, max(top_k, 2))
+    if requested < 2 or requested > max(top_k, 2):
+        raise ValueError(f"rerank_top_n must be in 2..top_k ({top_k}), got {requested}")
+    return requested
+
+
+@dataclass(frozen=True)
+class RerankPlan:
+    """How one query's STIR distances reorder its first stage: rerank the first ``top_n``,
+    blended with the first stage by ``fusion_weight`` (:func:`fuse_distances`).
+
+    ``calibrated_top_n`` is the top_n at which the trainer fitted the weight (stored with
+    the STIR file); a plan at another top_n still applies it, and says so in :attr:`note`.
+    """
+
+    top_n: int
+    fusion_weight: float = 0.0
+    calibrated_top_n: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_n < 2:
+            raise ValueError(f"top_n must be greater than 1, got {self.top_n}")
+        if self.fusion_weight < 0 or not math.isfinite(self.fusion_weight):
+            raise ValueError(f"fusion weight must be finite and >= 0, got {self.fusion_weight}")
+
+    @property
+    def note(self) -> str | None:
+        """Why this plan may rank less well than validation measured, if it may."""
+        if self.calibrated_top_n is None or self.calibrated_top_n == self.top_n:
+            return None
+        return (
+            f"fusion weight {self.fusion_weight:g} was calibrated at top_n "
+            f"{self.calibrated_top_n}, applied at top_n {self.top_n}"
+        )
+
+    def apply(
+        self, first_stage_distances: Sequence[float], stir_distances: Sequence[float]
+    ) -> tuple[MergeResult, list[float]]:
+        """One query: the merged order of its first-stage list and the (fused) distance each
+        reranked candidate was sorted by, in first-stage order."""
+        n = min(self.top_n, len(first_stage_distances))
+        fused = fuse_distances(first_stage_distances[:n], stir_distances, self.fusion_weight)
+        keys = [float(d) for d in fused]
+        return merge_reranked(first_stage_distances, keys, n), keys

@@ -92,6 +92,9 @@ class StirConfig:
     """How much of the first-stage distance the rerank blends into STIR's distance
     (:func:`searchsvc.models.fusion.fuse_distances`); 0 = the paper's rule, STIR alone. The
     trainer fits it on validation after training (score calibration)."""
+    calibrated_top_n: int | None = None
+    """The top_n at which ``fusion_weight`` (and ``symmetric``) were chosen; a query that
+    reranks another top_n is told (:class:`searchsvc.models.fusion.RerankPlan`)."""
 
     def __post_init__(self) -> None:
         if self.positional not in _POSITIONAL:
@@ -105,6 +108,8 @@ class StirConfig:
                 raise ValueError("joint_blocks (late fusion) needs the 'split' positional scheme")
         if not (0.0 <= self.fusion_weight < float("inf")):
             raise ValueError(f"fusion_weight must be finite and >= 0, got {self.fusion_weight}")
+        if self.calibrated_top_n is not None and self.calibrated_top_n < 2:
+            raise ValueError(f"calibrated_top_n must be at least 2, got {self.calibrated_top_n}")
         if self.head_hidden is not None and self.head_hidden < 1:
             raise ValueError(f"head_hidden must be positive, got {self.head_hidden}")
 
@@ -117,6 +122,7 @@ class StirConfig:
             "symmetric": self.symmetric,
             "joint_blocks": self.joint_blocks,
             "fusion_weight": self.fusion_weight,
+            "calibrated_top_n": self.calibrated_top_n,
         }
 
     @classmethod
@@ -130,6 +136,9 @@ class StirConfig:
             symmetric=bool(data.get("symmetric", False)),
             joint_blocks=None if data.get("joint_blocks") is None else int(data["joint_blocks"]),
             fusion_weight=float(data.get("fusion_weight", 0.0)),
+            calibrated_top_n=(
+                None if data.get("calibrated_top_n") is None else int(data["calibrated_top_n"])
+            ),
         )
 
 

@@ -1,7 +1,9 @@
 """The query path: photo -> embedding -> vector search -> (rerank) -> products, logged.
 
-Reranking is reached through an injected :class:`RerankStage`, so this module knows nothing
-of Celery or of how the reranker runs.
+Every caller answers queries here: the CLI, the service and the evaluation. Reranking is
+reached through an injected :class:`RerankStage` (a dispatched STIR, an in-process one, or
+none) and logging through an optional :class:`QueryLog`, so this module knows nothing of
+Celery or of how the reranker runs.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from searchsvc.core.config import Settings
-from searchsvc.core.errors import NotFoundError, SearchsvcError
+from searchsvc.core.errors import SearchsvcError
 from searchsvc.core.images import content_hash, decode_image, resize_center_crop
 from searchsvc.index import SearchHit, VectorIndex
-from searchsvc.jobs.model_store import ActiveVersion, ModelCache, served_embedder
-from searchsvc.storage.db import Database, Feedback, Image, Product, QueryLog
+from searchsvc.models.cache import ModelCache
+from searchsvc.models.fusion import resolve_top_n
+from searchsvc.storage.db import Database, Image, Product, QueryLog
+from searchsvc.storage.versions import VersionRef, embedder_of_collection
 
 # How many points to fetch per wanted product: a product has several images, and results are
 # products. If the first fetch yields too few distinct products, the fetch grows.
@@ -49,6 +53,9 @@ class RerankOutcome:
     reranker: str | None = None
     """Which reranker served (``stir-v3``), or None when the first stage's order stands."""
     reranker_version_id: int | None = None
+    note: str | None = None
+    """What the caller should know of how it reranked (a top_n the fusion weight was not
+    calibrated at)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -70,13 +77,6 @@ class RerankStage(Protocol):
     def __call__(
         self, query: QueryImage, candidates: list[Candidate], top_n: int
     ) -> RerankOutcome: ...
-
-
-def no_rerank(reason: str) -> RerankStage:
-    def stage(query: QueryImage, candidates: list[Candidate], top_n: int) -> RerankOutcome:
-        return RerankOutcome(candidates, reranked=False, reason=reason)
-
-    return stage
 
 
 @dataclass
@@ -103,6 +103,7 @@ class QueryResponse:
     reranker: str | None
     embedder_version: int
     timings_ms: dict[str, float]
+    rerank_note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +125,86 @@ def group_by_product(hits: list[SearchHit], limit: int) -> list[Candidate]:
     return candidates
 
 
+def served_embedder(db: Database, index: VectorIndex, alias: str) -> VersionRef:
+    """The embedder whose collection ``alias`` names: the alias, not the DB flag, is the one
+    switch queries follow, so a swap takes effect for readers in one step."""
+    collection = index.resolve_alias(alias)
+    if collection is None:
+        raise SearchsvcError(
+            f"the index has no collection '{alias}' yet: run 'searchsvc ingest CATALOG' first"
+        )
+    return embedder_of_collection(db, collection)
+
+
+class RecordQuery(Protocol):
+    """Where an answered query goes (:class:`QueryRecorder` writes the query log)."""
+
+    def __call__(
+        self,
+        response: QueryResponse,
+        data: bytes,
+        source: str,
+        filters: dict[str, str],
+        top_k: int,
+        outcome: RerankOutcome,
+    ) -> None: ...
+
+
+class QueryRecorder:
+    """Keeps the shopper's photo and what was shown: the learning loop trains on both."""
+
+    def __init__(self, db: Database, photos_dir: Path) -> None:
+        self.db = db
+        self.photos_dir = photos_dir
+
+    def __call__(
+        self,
+        response: QueryResponse,
+        data: bytes,
+        source: str,
+        filters: dict[str, str],
+        top_k: int,
+        outcome: RerankOutcome,
+    ) -> None:
+        digest = content_hash(data)
+        folder = self.photos_dir / digest[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = Path(source).suffix.lower() or ".img"
+        stored = folder / f"{digest}{suffix}"
+        if not stored.exists():
+            stored.write_bytes(data)
+        with self.db.session() as session:
+            session.add(
+                QueryLog(
+                    id=response.query_id,
+                    image_hash=digest,
+                    image_path=str(stored.resolve()),
+                    filters=filters,
+                    top_k=top_k,
+                    results=[
+                        {
+                            "product_id": r.product_id,
+                            "image_id": r.image_id,
+                            "score": r.score,
+                            "first_stage_rank": r.first_stage_rank,
+                            "stir_score": r.stir_score,
+                        }
+                        for r in response.results
+                    ],
+                    embedder_version_id=response.embedder_version,
+                    stir_version_id=outcome.reranker_version_id,
+                    reranked=response.reranked,
+                    rerank_reason=response.rerank_reason,
+                    latency_ms=response.timings_ms["total"],
+                    timings_ms=response.timings_ms,
+                )
+            )
+
+
 class SearchService:
+    """Answers queries. ``record``: where each answered query is logged (None: nowhere,
+    as the evaluation wants)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -132,12 +212,14 @@ class SearchService:
         index: VectorIndex,
         models: ModelCache,
         rerank_stage: RerankStage,
+        record: RecordQuery | None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.index = index
         self.models = models
         self.rerank_stage = rerank_stage
+        self.record = record
 
     def query(
         self,
@@ -152,23 +234,23 @@ class SearchService:
         top_k = top_k or self.settings.top_k
         if top_k <= 0:
             raise SearchsvcError(f"--top-k must be positive, got {top_k}")
-        # The configured default shrinks to a smaller --top-k; an explicit value must fit.
-        top_n = rerank_top_n or min(self.settings.rerank_top_n, max(top_k, 2))
-        if top_n < 2 or top_n > max(top_k, 2):
-            raise SearchsvcError(f"--rerank-top-n must be in 2..top_k ({top_k}), got {top_n}")
+        try:
+            top_n = resolve_top_n(rerank_top_n, default=self.settings.rerank_top_n, top_k=top_k)
+        except ValueError:
+            raise SearchsvcError(
+                f"--rerank-top-n must be in 2..top_k ({top_k}), got {rerank_top_n}"
+            ) from None
         filters = dict(filters or {})
 
         t_load = time.perf_counter()
-        version, embedder = self.models.embedder(
-            served_embedder(self.db, self.index, self.settings.collection_alias)
-        )
+        version = served_embedder(self.db, self.index, self.settings.collection_alias)
+        embedder = self.models.embedder(version)
         started = time.perf_counter()  # stage timings exclude loading models (once a process)
-        digest = content_hash(data)
         size = embedder.info.input_size
         image, _ = decode_image(
             data, source, max_pixels=self.settings.max_image_pixels, min_side=size
         )
-        query_image = QueryImage(image, digest)
+        query_image = QueryImage(image, content_hash(data))
         vector = embedder.embed(query_image.pixels(size)[None])[0]
         t_embed = time.perf_counter()
 
@@ -193,21 +275,22 @@ class SearchService:
         }
         results = self._products(outcome.candidates)
         timings["total"] = (time.perf_counter() - started) * 1000
-        query_id = str(uuid.uuid4())
         response = QueryResponse(
-            query_id=query_id,
+            query_id=str(uuid.uuid4()),
             results=results,
             reranked=outcome.reranked,
             rerank_reason=outcome.reason,
             reranker=outcome.reranker,
             embedder_version=version.id,
             timings_ms={k: round(v, 3) for k, v in timings.items()},
+            rerank_note=outcome.note,
         )
-        self._log(response, data, digest, source, filters, top_k, outcome)
+        if self.record is not None:
+            self.record(response, data, source, filters, top_k, outcome)
         return response
 
     def _search(
-        self, version: ActiveVersion, vector: Any, top_k: int, filters: dict[str, str]
+        self, version: VersionRef, vector: Any, top_k: int, filters: dict[str, str]
     ) -> list[Candidate]:
         assert version.collection is not None
         limit = top_k * OVERFETCH
@@ -254,61 +337,3 @@ class SearchService:
                 )
             )
         return results
-
-    def _log(
-        self,
-        response: QueryResponse,
-        data: bytes,
-        digest: str,
-        source: str,
-        filters: dict[str, str],
-        top_k: int,
-        outcome: RerankOutcome,
-    ) -> None:
-        """Keep the shopper's photo and what was shown: the learning loop trains on both."""
-        folder = self.settings.query_images_dir / digest[:2]
-        folder.mkdir(parents=True, exist_ok=True)
-        suffix = Path(source).suffix.lower() or ".img"
-        stored = folder / f"{digest}{suffix}"
-        if not stored.exists():
-            stored.write_bytes(data)
-        with self.db.session() as session:
-            session.add(
-                QueryLog(
-                    id=response.query_id,
-                    image_hash=digest,
-                    image_path=str(stored.resolve()),
-                    filters=filters,
-                    top_k=top_k,
-                    results=[
-                        {
-                            "product_id": r.product_id,
-                            "image_id": r.image_id,
-                            "score": r.score,
-                            "first_stage_rank": r.first_stage_rank,
-                            "stir_score": r.stir_score,
-                        }
-                        for r in response.results
-                    ],
-                    embedder_version_id=response.embedder_version,
-                    stir_version_id=outcome.reranker_version_id,
-                    reranked=response.reranked,
-                    rerank_reason=response.rerank_reason,
-                    latency_ms=response.timings_ms["total"],
-                    timings_ms=response.timings_ms,
-                )
-            )
-
-
-def record_feedback(db: Database, query_id: str, product_id: str, *, positive: bool) -> int:
-    """Log which result was right (or wrong) for a query; returns the feedback id."""
-    with db.session() as session:
-        query = session.get(QueryLog, query_id)
-        if query is None:
-            raise NotFoundError(f"query {query_id}: no such query in the log")
-        if session.get(Product, product_id) is None:
-            raise NotFoundError(f"product {product_id}: no such product")
-        row = Feedback(query_id=query_id, product_id=product_id, positive=positive)
-        session.add(row)
-        session.flush()
-        return row.id
