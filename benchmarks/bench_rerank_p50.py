@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from searchsvc.core.profiles import PROFILES
 from searchsvc.models.embedder import EmbeddingNet
-from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet, StirScorer
 from searchsvc.storage.pixels import PixelStore
 

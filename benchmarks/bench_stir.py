@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from searchsvc.models.profiles import PROFILES  # noqa: E402
+from searchsvc.core.profiles import PROFILES  # noqa: E402
 from searchsvc.models.stir import StirConfig, StirNet  # noqa: E402
 
 

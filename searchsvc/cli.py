@@ -507,7 +507,9 @@ def db_current(ctx: click.Context) -> None:
     settings = _settings(ctx)
     database = Database(settings.sqlalchemy_url, auto_migrate=False)
     try:
-        click.echo(database.current_revision() or "none (empty database)")
+        current, head = database.current_revision(), database.head_revision()
+        note = "" if current == head else f" (newest: {head}; run 'searchsvc db upgrade')"
+        click.echo((current or "none (empty database)") + note)
     finally:
         database.dispose()
 

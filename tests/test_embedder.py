@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from searchsvc.core.errors import ModelError
+from searchsvc.core.profiles import PROFILES
 from searchsvc.models.checkpoint import config_path_for, load_checkpoint, save_checkpoint
 from searchsvc.models.embedder import (
     Embedder,
@@ -27,7 +28,6 @@ from searchsvc.models.embedder import (
     profile_spec,
     save_embedder,
 )
-from searchsvc.models.profiles import PROFILES
 
 SPEC = PROFILES["small"]
 SIZE = SPEC.input_size
@@ -50,7 +50,7 @@ OTHER_PROCESS = textwrap.dedent(
     """
     import hashlib
     from searchsvc.models.embedder import new_embedding_net
-    from searchsvc.models.profiles import PROFILES
+    from searchsvc.core.profiles import PROFILES
 
     net = new_embedding_net(PROFILES["small"], seed=0)
     digest = hashlib.sha256()

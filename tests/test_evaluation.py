@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from searchsvc.core.errors import SearchsvcError
+from searchsvc.core.profiles import PROFILES
 from searchsvc.learning.evaluation import (
     FUSION_WEIGHTS,
-    REPORTED,
     EvalReport,
     EvalSet,
     FirstStageResult,
@@ -26,11 +26,10 @@ from searchsvc.learning.evaluation import (
     score,
 )
 from searchsvc.learning.gate import Gate, decide
-from searchsvc.learning.metrics import ranked_indices, retrieval_metrics, self_excluded_relevance
+from searchsvc.learning.metrics import retrieval_metrics
 from searchsvc.learning.training_data import LabelledImage, PixelLoader
 from searchsvc.models.embedder import Embedder, EmbeddingNet
 from searchsvc.models.fusion import rerank_order
-from searchsvc.models.profiles import PROFILES
 
 
 def unit(angles_deg: list[float]) -> np.ndarray:
@@ -67,19 +66,41 @@ def test_queries_in_the_gallery_exclude_themselves_hand_computed() -> None:
     assert row.metrics["map@5"] == pytest.approx((1 + 1 + 1 / 4 + 1 / 4) / 4)
 
 
-def test_agrees_with_the_metrics_module_on_the_sop_protocol() -> None:
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(30, 8))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    labels = np.repeat(np.arange(10), 3).astype(str)
-    own = np.arange(30)
-    ranked, _ = first_stage(vectors, vectors, 10, self_index=own)
-    mine = score(labels.astype(object)[ranked], list(labels), relevant_counts(labels, labels, own))
-    full = ranked_indices(1 - vectors @ vectors.T, 30)  # includes each query itself
-    rel, n_rel = self_excluded_relevance(labels, full, 10)
-    theirs = retrieval_metrics(rel, n_rel, ks=(1, 5, 10)).metrics
-    for name in REPORTED:
-        assert mine.metrics[name] == pytest.approx(theirs[name]), name
+def test_sop_protocol_by_hand_with_ties_in_gallery_order() -> None:
+    # Exact coordinates, so that equal distances are equal to the last bit.
+    vectors = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
+    labels = ["A", "B", "A", "B", "A"]
+    own = np.arange(5)
+    ranked, _ = first_stage(vectors, vectors, 4, self_index=own)
+    # q0: 1 and 2 tie (same vector): gallery order; q3: 0 and 4 tie at distance 1.
+    assert ranked.tolist() == [[1, 2, 3, 4], [2, 3, 0, 4], [1, 3, 0, 4], [1, 2, 0, 4], [3, 1, 2, 0]]
+    n_rel = relevant_counts(labels, labels, own)
+    assert n_rel.tolist() == [2, 1, 2, 1, 2]  # the query itself is not its own ground truth
+    rel = relevance_at(np.array(labels, dtype=object)[ranked], labels, 4)
+    assert rel.astype(int).tolist() == [
+        [0, 1, 0, 1],
+        [0, 1, 0, 0],
+        [0, 0, 1, 1],
+        [1, 0, 0, 0],
+        [0, 0, 1, 1],
+    ]
+    report = retrieval_metrics(rel, n_rel, ks=(1, 3))
+    assert report.metrics["cmc@1"] == pytest.approx(1 / 5)
+    # precision@3: q0 1/2, q1 1/1, q2 1/2, q3 1/1, q4 1/2
+    assert report.metrics["precision@3"] == pytest.approx((0.5 + 1 + 0.5 + 1 + 0.5) / 5)
+    # mAP@3 (one hit in the top 3 at rank r is 1/r): q0 1/2, q1 1/2, q2 1/3, q3 1, q4 1/3
+    assert report.metrics["map@3"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 3 + 1 + 1 / 3) / 5)
+
+
+def test_a_singleton_query_has_nothing_to_find_and_is_skipped() -> None:
+    vectors = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    labels = ["a", "a", "b"]
+    own = np.arange(3)
+    ranked, _ = first_stage(vectors, vectors, 2, self_index=own)
+    n_rel = relevant_counts(labels, labels, own)
+    assert n_rel.tolist() == [1, 1, 0]
+    row = score(np.array(labels, dtype=object)[ranked], labels, n_rel)
+    assert row.n_skipped == 1 and row.n_queries == 2 and row.metrics["cmc@1"] == 1.0
 
 
 def test_a_short_ranking_is_padded_with_misses() -> None:

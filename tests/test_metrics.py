@@ -8,12 +8,9 @@ import pytest
 from searchsvc.learning.metrics import (
     cmc_at_k,
     map_at_k,
-    metrics_for_labels,
     precision_at_k,
-    ranked_indices,
     relevance_from_labels,
     retrieval_metrics,
-    self_excluded_relevance,
 )
 
 # Three queries, five ranked results each (1 = relevant):
@@ -84,7 +81,7 @@ def test_labels_interface() -> None:
     #   q "a": a x a -> rel 1 0 1; q "b": x x b -> rel 0 0 1
     rel = relevance_from_labels(["a", "b"], [["a", "x", "a"], ["x", "x", "b"]])
     assert rel.tolist() == [[True, False, True], [False, False, True]]
-    report = metrics_for_labels(["a", "b"], [["a", "x", "a"], ["x", "x", "b"]], [2, 1], ks=(1, 3))
+    report = retrieval_metrics(rel, [2, 1], ks=(1, 3))
     # cmc@1 = (1 + 0)/2; precision@3 = (2/2 + 1/1)/2 = 1; map@3 = ((1/1 + 2/3)/2 + (1/3)/1)/2
     assert report.metrics["cmc@1"] == pytest.approx(0.5)
     assert report.metrics["precision@3"] == pytest.approx(1.0)
@@ -98,48 +95,3 @@ def test_validation() -> None:
         precision_at_k(REL, [2, 3, 0], 1)
     with pytest.raises(ValueError, match="n_relevant=1"):
         cmc_at_k([[1, 1, 0]], [1], 1)  # two hits cannot come from one relevant item
-
-
-def test_self_excluded_protocol_by_hand() -> None:
-    # Items 0..4 with labels A A B B A; queries = the gallery.
-    labels = np.array(["A", "A", "B", "B", "A"])
-    # 1-D positions; distance = |x_i - x_j|
-    x = np.array([0.0, 1.0, 1.2, 5.0, 3.0])
-    distances = np.abs(x[:, None] - x[None, :])
-    ranked_full = ranked_indices(distances, 5)  # the query itself comes first (distance 0)
-    assert ranked_full[:, 0].tolist() == [0, 1, 2, 3, 4]
-    rel, n_rel = self_excluded_relevance(labels, ranked_full, k=3)
-    # Nearest others (self removed):
-    #   q0 (A, x=0):   1 (A, d1), 2 (B, d1.2), 4 (A, d3)     -> 1 0 1
-    #   q1 (A, x=1):   2 (B, d.2), 0 (A, d1), 4 (A, d2)      -> 0 1 1
-    #   q2 (B, x=1.2): 1 (A, d.2), 0 (A, d1.2), 4 (A, d1.8)  -> 0 0 0
-    #   q3 (B, x=5):   4 (A, d2), 2 (B, d3.8), 1 (A, d4)      -> 0 1 0
-    #   q4 (A, x=3):   2 (B, d1.8), 1 (A, d2), 3 (B, d2)      -> 0 1 0  (tie 1 vs 3: index order)
-    assert rel.astype(int).tolist() == [[1, 0, 1], [0, 1, 1], [0, 0, 0], [0, 1, 0], [0, 1, 0]]
-    # ground truth without the query itself: A has 3 items -> 2 others; B has 2 -> 1 other
-    assert n_rel.tolist() == [2, 2, 1, 1, 2]
-    # CMC@1: only q0 -> 1/5. precision@3: q0 2/2, q1 2/2, q2 0/1, q3 1/1, q4 1/2 -> 3.5/5
-    # mAP@3: q0 (1/1 + 2/3)/2 = 5/6; q1 (1/2 + 2/3)/2 = 7/12; q2 0; q3 (1/2)/1 = 1/2;
-    #        q4 (1/2)/1 = 1/2
-    report = retrieval_metrics(rel, n_rel, ks=(1, 3))
-    assert report.metrics["cmc@1"] == pytest.approx(1 / 5)
-    assert report.metrics["precision@3"] == pytest.approx(3.5 / 5)
-    assert report.metrics["map@3"] == pytest.approx((5 / 6 + 7 / 12 + 0 + 1 / 2 + 1 / 2) / 5)
-    # excluding the query at ranking time gives the same relevance
-    ranked_excl = ranked_indices(distances, 3, exclude_self=True)
-    rel2, n_rel2 = self_excluded_relevance(labels, ranked_excl, k=3)
-    assert rel2.tolist() == rel.tolist() and n_rel2.tolist() == n_rel.tolist()
-
-
-def test_self_excluded_query_anywhere_in_its_row() -> None:
-    labels = [0, 0, 1]
-    # q0's row has itself in the middle; q1's row lacks itself; q2's row has itself last
-    ranked = [[1, 0, 2], [0, 2, 1], [1, 0, 2]]
-    rel, n_rel = self_excluded_relevance(labels, ranked, k=2)
-    # q0: [1, 2] -> 1 0; q1: [0, 2] -> 1 0; q2: [1, 0] -> 0 0
-    assert rel.astype(int).tolist() == [[1, 0], [1, 0], [0, 0]]
-    assert n_rel.tolist() == [1, 1, 0]  # label 1 is a singleton: nothing to find
-    report = retrieval_metrics(rel, n_rel, ks=(1,))
-    assert report.n_skipped == 1 and report.metrics["cmc@1"] == 1.0
-    with pytest.raises(ValueError, match="k=3"):
-        self_excluded_relevance(labels, ranked, k=3)

@@ -11,9 +11,9 @@ from sqlalchemy import select
 from searchsvc.app import model_cache
 from searchsvc.core.config import Settings
 from searchsvc.core.errors import ModelError
+from searchsvc.core.profiles import PROFILES
 from searchsvc.jobs.model_files import ensure_active_embedder, register_version
 from searchsvc.models.embedder import load_embedding_net, new_embedding_net, save_embedder
-from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
 from searchsvc.storage.db import Database, ModelKind, ModelVersion
 from searchsvc.storage.versions import activate_version, active_version

@@ -33,7 +33,7 @@ def test_round_trip_is_exact(tmp_path: Path):
     store = PixelStore(tmp_path)
     original = pixels(24)
     assert not store.has(HASH, 24)
-    store.put(HASH, original)
+    store.put_many([(HASH, original)])
     assert store.has(HASH, 24)
     restored = PixelStore(tmp_path).get(HASH, 24)  # another instance: from the file
     assert restored.dtype == np.uint8
@@ -46,8 +46,8 @@ def test_round_trip_is_exact(tmp_path: Path):
 
 def test_sizes_are_kept_apart(tmp_path: Path):
     store = PixelStore(tmp_path)
-    store.put(HASH, pixels(8, seed=1))
-    store.put(HASH, pixels(16, seed=2))
+    store.put_many([(HASH, pixels(8, seed=1))])
+    store.put_many([(HASH, pixels(16, seed=2))])
     np.testing.assert_array_equal(store.get(HASH, 8), pixels(8, seed=1))
     np.testing.assert_array_equal(store.get(HASH, 16), pixels(16, seed=2))
     assert not store.has(HASH, 32)
@@ -55,8 +55,8 @@ def test_sizes_are_kept_apart(tmp_path: Path):
 
 def test_put_is_idempotent(tmp_path: Path):
     store = PixelStore(tmp_path)
-    store.put(HASH, pixels(16))
-    store.put(HASH, pixels(16, seed=9))  # same key: content-addressed, kept as is
+    store.put_many([(HASH, pixels(16))])
+    store.put_many([(HASH, pixels(16, seed=9))])  # same key: content-addressed, kept as is
     store.put_many([(HASH, pixels(16, seed=3)), (HASH, pixels(16, seed=4))])
     assert stored_rows(store) == [(HASH, 16, 16 * 16 * 3)]
     np.testing.assert_array_equal(PixelStore(tmp_path).get(HASH, 16), pixels(16))
@@ -76,7 +76,7 @@ def test_a_failed_transaction_leaves_nothing_and_the_store_usable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     store = PixelStore(tmp_path)
-    store.put("before", pixels(8))
+    store.put_many([("before", pixels(8))])
     connection = store._connection()  # this thread's connection
 
     class Failing:
@@ -91,10 +91,10 @@ def test_a_failed_transaction_leaves_nothing_and_the_store_usable(
 
     monkeypatch.setattr(store, "_connection", lambda: Failing())
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
-        store.put("after", pixels(8, 1))
+        store.put_many([("after", pixels(8, 1))])
     monkeypatch.undo()
     assert [row[0] for row in stored_rows(store)] == ["before"]  # the half write rolled back
-    store.put("after", pixels(8, 1))
+    store.put_many([("after", pixels(8, 1))])
     np.testing.assert_array_equal(store.get("after", 8), pixels(8, 1))
 
 
@@ -130,33 +130,21 @@ def test_get_missing_raises_image_error(tmp_path: Path):
 
 def test_get_wrong_length_raises_image_error(tmp_path: Path):
     store = PixelStore(tmp_path)
-    store.put(HASH, pixels(16))
+    store.put_many([(HASH, pixels(16))])
     with sqlite3.connect(store.path) as connection:  # a foreign or damaged row
         connection.execute("UPDATE pixels SET data = ? WHERE content_hash = ?", (b"x" * 17, HASH))
     with pytest.raises(ImageError, match="17 bytes, expected 16x16x3"):
         PixelStore(tmp_path).get(HASH, 16)
 
 
-def test_pixels_of_the_first_file_layout_are_still_read(tmp_path: Path):
-    legacy = tmp_path / "pixels" / "16" / HASH[:2] / f"{HASH}.rgb"
-    legacy.parent.mkdir(parents=True)
-    legacy.write_bytes(pixels(16, 5).tobytes())
-    store = PixelStore(tmp_path)
-    assert store.has(HASH, 16)
-    np.testing.assert_array_equal(store.get(HASH, 16), pixels(16, 5))
-    legacy.write_bytes(pixels(8).tobytes())  # an 8x8 image where 16x16 belongs
-    with pytest.raises(ImageError, match="expected 16x16x3"):
-        PixelStore(tmp_path).get(HASH, 16)
-
-
 def test_put_refuses_pixels_that_are_not_square_uint8_rgb(tmp_path: Path):
     store = PixelStore(tmp_path)
     with pytest.raises(ValueError, match="uint8"):
-        store.put(HASH, pixels(8).astype(np.float32))
+        store.put_many([(HASH, pixels(8).astype(np.float32))])
     with pytest.raises(ValueError, match=r"\(S, S, 3\)"):
-        store.put(HASH, np.zeros((8, 4, 3), np.uint8))
+        store.put_many([(HASH, np.zeros((8, 4, 3), np.uint8))])
     with pytest.raises(ValueError, match=r"\(S, S, 3\)"):
-        store.put(HASH, np.zeros((8, 8), np.uint8))
+        store.put_many([(HASH, np.zeros((8, 8), np.uint8))])
 
 
 def test_recent_pixels_are_served_from_memory_within_the_byte_budget(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from sqlalchemy import select
 from searchsvc.cli import main
 from searchsvc.core.config import load_settings
 from searchsvc.core.images import load_pixels
+from searchsvc.core.profiles import PROFILES
 from searchsvc.models.embedder import EmbeddingNet
-from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet, load_stir, save_stir
 from searchsvc.storage.db import Database, QueryLog
 from searchsvc.storage.db import Image as ImageRow

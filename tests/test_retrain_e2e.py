@@ -23,11 +23,11 @@ import trainer.retrain as retrain_module
 from searchsvc.app import App
 from searchsvc.cli import main as searchsvc_main
 from searchsvc.core.config import Settings, load_settings
+from searchsvc.core.profiles import PROFILES
 from searchsvc.jobs.model_files import register_version
 from searchsvc.learning.datasets import DEBIAN_DIR, write_demo_catalog
 from searchsvc.learning.evaluation import evaluate_live, load_query_set
 from searchsvc.models.embedder import new_embedding_net, save_embedder
-from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import load_stir
 from searchsvc.serving.feedback import record_feedback
 from searchsvc.storage.db import Image, ModelKind, ModelVersion

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from searchsvc.core.errors import ModelError
+from searchsvc.core.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.embedder import EmbeddingNet, load_embedding_net, save_embedder
-from searchsvc.models.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.stem import conv_stem
 from searchsvc.models.stir import StirConfig, StirNet, load_stir, save_stir
 
@@ -99,7 +99,7 @@ def test_late_fusion_with_a_conv_stem_sees_each_image_as_the_embedder(
     ).eval()
     query, candidates = _images(3, 2), _images(3, 3)
     with torch.no_grad():
-        features = stir._late_fusion_features(torch.cat([query, candidates], dim=2))
+        features = stir._joint_features(stir._image_tokens(torch.cat([query, candidates])))
         expected_q, expected_c = conv_embedder(query), conv_embedder(candidates)
         # the seam matters: embedding the stacked pair in one pass would not give this
         stacked = stir.backbone.patch_embed(torch.cat([query, candidates], dim=2))  # type: ignore[operator]

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from searchsvc.core.errors import ModelError
+from searchsvc.core.profiles import PROFILES, EmbedderSpec
 from searchsvc.models import stir as stir_module
 from searchsvc.models.embedder import EmbeddingNet, save_embedder
 from searchsvc.models.fusion import merge_reranked
-from searchsvc.models.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.stir import (
     StirConfig,
     StirNet,
@@ -435,7 +435,7 @@ def test_late_fusion_without_joint_blocks_sees_each_image_as_the_embedder(
     stir = _stir(net, "split", joint_blocks=0)
     query, candidates = _images(3, 1), _images(3, 2)
     with torch.no_grad():
-        features = stir._late_fusion_features(torch.cat([query, candidates], dim=2))
+        features = stir._joint_features(stir._image_tokens(torch.cat([query, candidates])))
         expected_q, expected_c = net(query), net(candidates)
     dim = stir.dim
     torch.testing.assert_close(features[:, :dim], expected_q, atol=1e-5, rtol=0)
@@ -452,8 +452,8 @@ def test_late_fusion_joint_blocks_let_each_half_change_the_other(
     for joint, crosses in ((0, False), (2, True)):
         stir = _stir(net, "split", joint_blocks=joint)
         with torch.no_grad():
-            a = stir._late_fusion_features(torch.cat([query, candidates], dim=2))
-            b = stir._late_fusion_features(torch.cat([other, candidates], dim=2))
+            a = stir._joint_features(stir._image_tokens(torch.cat([query, candidates])))
+            b = stir._joint_features(stir._image_tokens(torch.cat([other, candidates])))
         dim = stir.dim
         # the candidate's own features move with the query only through joint blocks
         moved = not torch.allclose(a[:, dim : 2 * dim], b[:, dim : 2 * dim], atol=1e-6)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from searchsvc.core.profiles import PROFILES
 from searchsvc.models.embedder import EmbeddingNet
-from searchsvc.models.profiles import PROFILES
 from searchsvc.models.stir import StirConfig, StirNet
 from trainer import stir as stir_module
 from trainer.augment import random_resized_crop, resize_pixels

@@ -266,8 +266,8 @@ def _register_untrained_stir(home: Path, env: dict[str, str]) -> None:
 
     import torch
 
+    from searchsvc.core.profiles import PROFILES
     from searchsvc.models.embedder import EmbeddingNet
-    from searchsvc.models.profiles import PROFILES
     from searchsvc.models.stir import StirConfig, StirNet, save_stir
 
     spec = dataclasses.replace(

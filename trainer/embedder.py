@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from searchsvc.core.profiles import EmbedderSpec
 from searchsvc.models.embedder import EmbeddingNet
-from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.runtime import (
     Precision,
     pixels_to_tensor,

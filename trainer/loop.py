@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from searchsvc.models.profiles import EmbedderSpec
+from searchsvc.core.profiles import EmbedderSpec
 
 Log = Callable[[str], None]
 Validate = Callable[[torch.nn.Module], dict[str, float]]

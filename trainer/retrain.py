@@ -42,6 +42,7 @@ from searchsvc.app import App
 from searchsvc.core.config import Settings, load_settings
 from searchsvc.core.errors import SearchsvcError
 from searchsvc.core.files import config_path_for
+from searchsvc.core.profiles import EmbedderSpec
 from searchsvc.jobs.model_files import ensure_active_embedder
 from searchsvc.jobs.switch import SwapReport, switch_stir
 from searchsvc.learning.evaluation import (
@@ -74,7 +75,6 @@ from searchsvc.models.embedder import (
     profile_spec,
     save_embedder,
 )
-from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.stir import StirNet, StirScorer, load_stir, save_stir
 from searchsvc.storage.db import Database, ModelKind
 from searchsvc.storage.pixels import PixelStore

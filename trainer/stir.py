@@ -34,9 +34,9 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from searchsvc.core.profiles import EmbedderSpec
 from searchsvc.learning.evaluation import Calibration, FirstStageResult, best_calibration
 from searchsvc.models.embedder import Embedder, EmbeddingNet
-from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.runtime import (
     Precision,
     pixels_to_tensor,

@@ -1,9 +1,12 @@
 """The Celery application: configuration and queues only (tasks are in workers.tasks).
 
-Start the pools (one process per GPU for the GPU pools):
+Start the pools (README, "Worker pools"):
 
-    celery -A workers.celery_app worker -Q embed  --concurrency 2 -n embed@%h
-    CUDA_VISIBLE_DEVICES=0 celery -A workers.celery_app worker -Q rerank --pool solo -n rerank0@%h
+    celery -A workers.celery_app worker -Q embed --concurrency 2 -n embed@%h
+    # ONE rerank process per GPU: its threads share one model, so requests that arrive
+    # together are scored in one batched forward pass.
+    CUDA_VISIBLE_DEVICES=0 celery -A workers.celery_app worker -Q rerank --pool threads \
+        --concurrency 8 -n rerank0@%h
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from searchsvc.core.errors import ConfigError
+from searchsvc.core.profiles import embedder_profile_names
 
 ENV_PREFIX = "SEARCHSVC_"
 Device = Literal["auto", "cpu", "cuda"]
@@ -235,9 +236,6 @@ def _validate(settings: Settings) -> None:
         fail("collection_alias", "must be letters, digits, '-' and '_'")
     if settings.embedder_weights is not None and not settings.embedder_weights.is_file():
         fail("embedder_weights", "file does not exist")
-    # Imported here: the registry imports torch, which the config module must not need.
-    from searchsvc.models.profiles import embedder_profile_names
-
     if settings.embedder_profile not in embedder_profile_names():
         fail("embedder_profile", f"unknown profile; known: {', '.join(embedder_profile_names())}")
 

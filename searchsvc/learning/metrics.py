@@ -14,8 +14,8 @@ Per-query functions return ``(Q,)`` float64 arrays; :func:`retrieval_metrics` av
 Queries with no relevant item in the gallery have no defined precision; the per-query
 functions reject them, and :func:`retrieval_metrics` leaves them out and counts them.
 
-The SOP protocol (queries are the gallery): :func:`self_excluded_relevance` removes each
-query from its own results and from its own ground truth.
+The SOP protocol (queries are the gallery, each excluded from its own results and ground
+truth) is applied where rankings are made: :func:`searchsvc.learning.evaluation.first_stage`.
 """
 
 from __future__ import annotations
@@ -122,73 +122,3 @@ def retrieval_metrics(
             values = fn(rel, n_rel, k)
             metrics[f"{name}@{k}"] = float(values.mean()) if len(values) else float("nan")
     return RetrievalReport(metrics, n_queries=int(keep.sum()), n_skipped=int((~keep).sum()))
-
-
-def ranked_indices(distances: ArrayLike, k: int, *, exclude_self: bool = False) -> IntArray:
-    """``(Q, G)`` distances -> ``(Q, k)`` gallery indices, nearest first; ties keep index
-    order. ``exclude_self`` (queries are the gallery, Q == G): query ``q`` never ranks
-    itself."""
-    dist = np.array(distances, dtype=np.float64)  # a copy: the diagonal may be overwritten
-    if dist.ndim != 2:
-        raise ValueError(f"distances must be a (Q, G) matrix, got shape {dist.shape}")
-    if exclude_self:
-        if dist.shape[0] != dist.shape[1]:
-            raise ValueError(f"exclude_self needs a square matrix, got shape {dist.shape}")
-        np.fill_diagonal(dist, np.inf)
-    available = dist.shape[1] - (1 if exclude_self else 0)
-    if not 1 <= k <= available:
-        raise ValueError(f"k={k} must be in 1..{available} (gallery size)")
-    return np.argsort(dist, axis=1, kind="stable")[:, :k].astype(np.int64)
-
-
-def self_excluded_relevance(
-    labels: ArrayLike, ranked: ArrayLike, k: int
-) -> tuple[BoolArray, IntArray]:
-    """The protocol where the queries are the gallery (Stanford Online Products).
-
-    ``labels``: ``(N,)`` one label per item; query ``q`` is item ``q``. ``ranked``:
-    ``(N, M)`` item indices per query, nearest first, as a search over the same set returns
-    them; the query itself may appear anywhere in its row (or not at all). Returns the
-    ``(N, k)`` relevance of each query's top ``k`` with the query removed from its own
-    results, and ``n_relevant = (items sharing the query's label) - 1`` (the query removed
-    from its ground truth).
-    """
-    lab = np.asarray(labels)
-    idx = np.asarray(ranked, dtype=np.int64)
-    n = len(lab)
-    if lab.ndim != 1 or idx.ndim != 2 or idx.shape[0] != n:
-        raise ValueError(
-            f"expected (N,) labels and (N, M) ranked indices, got {lab.shape}, {idx.shape}"
-        )
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise ValueError(f"ranked indices must be in 0..{n - 1}")
-    is_self = idx == np.arange(n)[:, None]
-    if np.any(is_self.sum(axis=1) > 1):
-        raise ValueError("a query appears more than once in its own results")
-    # Stable partition: every row's non-self entries first, in rank order.
-    keep_order = np.argsort(is_self, axis=1, kind="stable")
-    cleaned = np.take_along_axis(idx, keep_order, axis=1)
-    available = idx.shape[1] - is_self.sum(axis=1)
-    if k < 1 or np.any(available < k):
-        raise ValueError(
-            f"k={k}: after removing the query itself, some rows have only "
-            f"{int(available.min()) if n else 0} results"
-        )
-    cleaned = cleaned[:, :k]
-    relevance = np.asarray(lab[cleaned] == lab[:, None], dtype=bool)
-    _, inverse, counts = np.unique(lab, return_inverse=True, return_counts=True)
-    n_relevant = (counts[inverse.reshape(-1)] - 1).astype(np.int64)
-    return relevance, n_relevant
-
-
-def metrics_for_labels(
-    query_labels: ArrayLike,
-    ranked_gallery_labels: ArrayLike,
-    n_relevant: ArrayLike,
-    ks: Iterable[int] = (1, 5),
-) -> RetrievalReport:
-    """:func:`retrieval_metrics` from labels: ``(Q,)`` query labels, ``(Q, K)`` ranked
-    gallery labels, ``(Q,)`` relevant counts in the gallery."""
-    return retrieval_metrics(
-        relevance_from_labels(query_labels, ranked_gallery_labels), n_relevant, ks
-    )

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from searchsvc.core.errors import ModelError
+from searchsvc.core.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
-from searchsvc.models.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.runtime import (
     Precision,
     autocast_dtype,

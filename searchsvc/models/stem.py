@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from searchsvc.core.errors import ModelError
-from searchsvc.models.profiles import EmbedderSpec
+from searchsvc.core.profiles import EmbedderSpec
 
 
 def conv_stem(in_chans: int, embed_dim: int, patch: int) -> nn.Sequential:

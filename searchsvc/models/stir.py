@@ -56,9 +56,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from searchsvc.core.errors import ModelError
+from searchsvc.core.profiles import EmbedderSpec
 from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
 from searchsvc.models.embedder import EmbeddingNet
-from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.runtime import (
     Precision,
     autocast_dtype,
@@ -364,13 +364,6 @@ class StirNet(nn.Module):
         features = F.normalize((features - mean) / std, dim=-1)
         first, second = features[:n], features[n:]
         return torch.cat([first, second, first * second, (first - second).abs()], dim=-1)
-
-    def _late_fusion_features(self, pairs: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, 2S, S)`` stacked pairs -> ``(N, 4 * dim)``: see ``joint_blocks`` in the
-        module doc."""
-        size = self.spec.input_size
-        tokens = self._image_tokens(torch.cat([pairs[:, :, :size], pairs[:, :, size:]]))
-        return self._joint_features(tokens)
 
     def _patches(self, images: torch.Tensor) -> torch.Tensor:
         """``(M, 3, S, S)`` -> ``(M, T, D)`` patch tokens, each image embedded ALONE: a

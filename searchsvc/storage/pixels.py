@@ -10,8 +10,7 @@ file per image, written to a temporary name and renamed: measured in an ingest o
 images here (2 cores, embed forward stubbed out), its writes cost 0.4 ms of CPU per image
 (mostly kernel time creating files), as much as a fifth of the small profile's forward, and
 a million-image catalog made a million files. PNG encoding was measured before that and
-cost more CPU than the embedding itself. Files of that first layout are still read (an
-older home keeps working); new pixels go to the database.
+cost more CPU than the embedding itself.
 
 Several processes may write and read at once (SQLite's WAL mode and busy timeout); the
 media folder must then be on a local file system that they share (SQLite's locks do not
@@ -93,10 +92,6 @@ class PixelStore:
         self._local = threading.local()
 
     # ------------------------------------------------------------------ writing
-    def put(self, content_hash: str, pixels: np.ndarray) -> None:
-        """Store (S, S, 3) uint8 pixels; a no-op when already stored (same hash, same size)."""
-        self.put_many([(content_hash, pixels)])
-
     def put_many(self, items: Iterable[tuple[str, np.ndarray]]) -> None:
         """Store several images in one transaction: all of them or, on an error, none."""
         rows = [(digest, *_encoded(pixels)) for digest, pixels in items]
@@ -125,7 +120,7 @@ class PixelStore:
             )
             .fetchone()
         )
-        return row is not None or self._legacy_path(content_hash, size).is_file()
+        return row is not None
 
     def get(self, content_hash: str, size: int) -> np.ndarray:
         key = (content_hash, size)
@@ -158,31 +153,16 @@ class PixelStore:
             )
         except sqlite3.Error as exc:
             raise ImageError(source, f"unreadable pixel store ({exc})") from None
-        if row is not None:
-            data = bytes(row[0])
-        else:
-            data = self._read_legacy(content_hash, size)
-            source = str(self._legacy_path(content_hash, size))
+        if row is None:
+            raise ImageError(
+                f"{content_hash}@{size}", "preprocessed pixels not found (re-run ingest)"
+            )
+        data = bytes(row[0])
         if len(data) != size * size * 3:
             raise ImageError(
                 source, f"stored pixels hold {len(data)} bytes, expected {size}x{size}x3"
             )
         return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
-
-    # ------------------------------------------------------------------ the first layout
-    def _legacy_path(self, content_hash: str, size: int) -> Path:
-        return self.root / "pixels" / str(size) / content_hash[:2] / f"{content_hash}.rgb"
-
-    def _read_legacy(self, content_hash: str, size: int) -> bytes:
-        path = self._legacy_path(content_hash, size)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(
-                f"{content_hash}@{size}", "preprocessed pixels not found (re-run ingest)"
-            ) from None
-        except OSError as exc:
-            raise ImageError(str(path), f"unreadable preprocessed pixels ({exc})") from None
 
 
 def _encoded(pixels: np.ndarray) -> tuple[int, bytes]:
