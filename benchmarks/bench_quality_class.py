@@ -6,11 +6,11 @@ Gallery and training data: the 60,000 training images; queries: the 10,000 test 
 - ``raw pixels``: cosine of the grey values of the 32x32 evaluation view;
 - ``embedder``: the ``small`` profile trained from scratch by
   :func:`trainer.embedder.train_embedder` (10 labels x ``--instances`` batches, all
-  triplets throughout by default, ``--embedder-minutes``);
+  triplets throughout by default, ``--embedder-minutes`` or exactly ``--embedder-steps``);
 - ``embedder + STIR@5`` / ``@10``: a STIR trained by :func:`trainer.stir.train_stir` from
-  that embedder (its default config, ``--stir-minutes``), reranking the first 5 / 10
-  results with the fusion weight calibrated on validation; ``..., STIR alone``: the same
-  STIR with weight 0 (the paper's rule);
+  that embedder (its default config, ``--stir-minutes`` or ``--stir-steps``), reranking
+  the first 5 / 10 results with the fusion weight calibrated on validation; ``..., STIR
+  alone``: the same STIR with weight 0 (the paper's rule);
 - ``perfect reranker@5`` / ``@10``: the first stage's top 5 / 10 reordered with every
   relevant item first (the ceiling of any reranker of that depth: its CMC@1 is the first
   stage's CMC@top_n).
@@ -29,7 +29,10 @@ Usage::
 
     python benchmarks/bench_quality_class.py [--embedder-minutes 14] [--stir-minutes 6]
         [--gallery-size 60000] [--queries 10000] [--val-size 2000] [--seed 0]
-        [--out benchmarks/results/quality_class]
+        [--embedder-steps N] [--stir-steps N] [--out benchmarks/results/quality_class]
+
+With ``--embedder-steps`` / ``--stir-steps`` a model trains exactly that many steps with
+no time budget, so that a run repeats exactly (two commits compare bit for bit).
 """
 
 from __future__ import annotations
@@ -293,8 +296,8 @@ def run_comparison(
     train_set: TrainSet,
     eval_set: EvalSet,
     val_set: EvalSet | None,
-    embedder_minutes: float,
-    stir_minutes: float,
+    embedder_minutes: float | None,
+    stir_minutes: float | None,
     seed: int,
     precision: str,
     chunk: int,
@@ -303,9 +306,11 @@ def run_comparison(
     progress: bool,
     embedder_config: EmbedderTrainConfig,
     validate_embedder: bool = True,
+    stir_steps: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, Any]]:
     """Train the embedder and STIR through the trainer, evaluate every row. Returns
-    (rows, training records, eval counts)."""
+    (rows, training records, eval counts). A budget of None minutes is no deadline (the
+    configs' step counts decide: ``embedder_config.steps``, ``stir_steps``)."""
     spec = profile_spec(PROFILE)
     depth = max([*KS, *TOP_NS])
     rows: dict[str, dict[str, float]] = {}
@@ -327,7 +332,7 @@ def run_comparison(
         validate=None
         if val_set is None or not validate_embedder
         else make_validate_embedder(val_set, precision),
-        budget=Budget.of_seconds(embedder_minutes * 60),
+        budget=Budget.of_seconds(None if embedder_minutes is None else embedder_minutes * 60),
         log=log,
         progress=progress,
     )
@@ -350,7 +355,11 @@ def run_comparison(
     timings["eval_embedder_s"] = time.monotonic() - tick
     log(f"embedder: CMC@1 {100 * first.base.metrics['cmc@1']:.2f}")
 
-    stir_config = StirTrainConfig(seed=seed, precision=precision)  # type: ignore[arg-type]
+    stir_config = StirTrainConfig(
+        seed=seed,
+        precision=precision,  # type: ignore[arg-type]
+        steps=stir_steps,
+    )
     val_first = None
     if val_set is not None:
         val_first = rank_chunked(val_set, embedder, depth=depth, chunk=chunk)
@@ -362,7 +371,7 @@ def run_comparison(
         stir_config,
         embeddings=train_vectors,
         validate=None if val_first is None else make_validate_stir(val_first, precision, TOP_NS[0]),
-        budget=Budget.of_seconds(stir_minutes * 60),
+        budget=Budget.of_seconds(None if stir_minutes is None else stir_minutes * 60),
         log=log,
         progress=progress,
     )
@@ -556,6 +565,17 @@ def common_arguments(
     parser.add_argument(
         "--stir-minutes", type=float, default=stir_minutes, help="STIR training budget, minutes"
     )
+    parser.add_argument(
+        "--embedder-steps",
+        type=int,
+        help="train the embedder exactly this many steps, with no time budget (replaces "
+        "--embedder-minutes): a run that repeats exactly",
+    )
+    parser.add_argument(
+        "--stir-steps",
+        type=int,
+        help="train STIR exactly this many steps, with no time budget (replaces --stir-minutes)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
@@ -563,6 +583,22 @@ def common_arguments(
     parser.add_argument("--chunk", type=int, default=1000, help="queries per brute-force block")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--no-progress", action="store_true")
+
+
+def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("embedder_steps", "stir_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def budgets(args: argparse.Namespace) -> dict[str, Any]:
+    """The training budgets as run_comparison takes them and the report records them:
+    minutes, or None where an exact step count replaces them."""
+    return {
+        "embedder_minutes": None if args.embedder_steps else args.embedder_minutes,
+        "stir_minutes": None if args.stir_steps else args.stir_minutes,
+    }
 
 
 def timed(timings: dict[str, float], name: str) -> Callable[[], None]:
@@ -603,6 +639,7 @@ def main() -> None:
         "for the trainer's default 0.3 with 16 instances)",
     )
     args = parser.parse_args()
+    check_steps(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
@@ -660,8 +697,8 @@ def main() -> None:
         train_set=train_set,
         eval_set=eval_set,
         val_set=val_set,
-        embedder_minutes=args.embedder_minutes,
-        stir_minutes=args.stir_minutes,
+        **budgets(args),
+        stir_steps=args.stir_steps,
         seed=args.seed,
         precision=args.precision,
         chunk=args.chunk,
@@ -671,7 +708,7 @@ def main() -> None:
         embedder_config=EmbedderTrainConfig(
             seed=args.seed,
             precision=args.precision,
-            steps=STEPS_CAP,
+            steps=args.embedder_steps or STEPS_CAP,
             n_labels=10,
             n_instances=args.instances,
             all_triplets_fraction=args.all_triplets_fraction,
@@ -685,8 +722,9 @@ def main() -> None:
         "relevance": "same article type (label)",
         "gallery": f"{len(gallery_idx)} training images (seeded subset when < 60000)",
         "queries": f"{len(query_idx)} test images (seeded subset when < 10000)",
-        "embedder_minutes": args.embedder_minutes,
-        "stir_minutes": args.stir_minutes,
+        **budgets(args),
+        "embedder_steps": args.embedder_steps,
+        "stir_steps": args.stir_steps,
         "seed": args.seed,
         "precision": args.precision,
         "profile": PROFILE,
@@ -697,7 +735,9 @@ def main() -> None:
         "its fusion weight calibrated, per epoch"
         if val_set
         else "none (last weights)",
-        "steps": f"cap {STEPS_CAP}: the time budget decides (one batch per epoch at 10 labels)",
+        "steps": f"cap {STEPS_CAP}: the time budget decides (one batch per epoch at 10 labels)"
+        if args.embedder_steps is None
+        else f"embedder: exactly {args.embedder_steps} (--embedder-steps, no time budget)",
         "top_ns": list(TOP_NS),
         "args": {k: str(v) for k, v in vars(args).items()},
     }

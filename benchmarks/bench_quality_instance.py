@@ -13,15 +13,17 @@ The comparison (raw pixels, the embedder, embedder + STIR at top_n 5 and 10, the
 reranker of the top 5 / 10) and its machinery are those of ``bench_quality_class.py``:
 training through :func:`trainer.embedder.train_embedder` and
 :func:`trainer.stir.train_stir` (default configs, ``--embedder-minutes`` and
-``--stir-minutes``), ranking, reranking and metrics through :mod:`searchsvc.learning.evaluation`
-and :mod:`searchsvc.learning.metrics`; STIR's fusion weight is calibrated on the validation
+``--stir-minutes``, or exact step counts: ``--embedder-steps`` and ``--stir-steps``),
+ranking, reranking and metrics through :mod:`searchsvc.learning.evaluation` and
+:mod:`searchsvc.learning.metrics`; STIR's fusion weight is calibrated on the validation
 products, and the report carries the gate's verdict there.
 
 Usage::
 
     python benchmarks/bench_quality_instance.py [--embedder-minutes 10] [--stir-minutes 10]
         [--train-products 20000] [--test-products 2000] [--photos 5] [--val-products 500]
-        [--seed 0] [--out benchmarks/results/quality_instance]
+        [--seed 0] [--embedder-steps N] [--stir-steps N]
+        [--out benchmarks/results/quality_instance]
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from bench_quality_class import (  # noqa: E402
     PROFILE,
     TOP_NS,
     ArrayEvalSet,
+    budgets,
+    check_steps,
     common_arguments,
     log,
     machine_info,
@@ -108,6 +112,7 @@ def main() -> None:
         help="training products held out of training for model selection (0: none)",
     )
     args = parser.parse_args()
+    check_steps(parser, args)
     if args.photos < 2:
         parser.error("--photos must be at least 2 (a query needs another photo of its product)")
     if args.val_products and args.val_products < 2:
@@ -166,15 +171,17 @@ def main() -> None:
         train_set=train_set,
         eval_set=eval_set,
         val_set=val_set,
-        embedder_minutes=args.embedder_minutes,
-        stir_minutes=args.stir_minutes,
+        **budgets(args),
+        stir_steps=args.stir_steps,
         seed=args.seed,
         precision=args.precision,
         chunk=args.chunk,
         gallery_is_train=False,
         timings=timings,
         progress=not args.no_progress,
-        embedder_config=EmbedderTrainConfig(seed=args.seed, precision=args.precision),
+        embedder_config=EmbedderTrainConfig(
+            seed=args.seed, precision=args.precision, steps=args.embedder_steps
+        ),
     )
     timings["total_s"] = time.monotonic() - started
     counts.update(
@@ -192,8 +199,9 @@ def main() -> None:
         "protocol": "SOP: every test photo queries the others, itself excluded",
         "train_products_from": "train split",
         "test_products_from": "test split",
-        "embedder_minutes": args.embedder_minutes,
-        "stir_minutes": args.stir_minutes,
+        **budgets(args),
+        "embedder_steps": args.embedder_steps,
+        "stir_steps": args.stir_steps,
         "seed": args.seed,
         "precision": args.precision,
         "profile": PROFILE,
