@@ -10,8 +10,8 @@ the training products (``--val-products``) is held out of training for model sel
 Evaluation: the SOP protocol on the test products' photos: every photo queries all the
 others, itself excluded from its results and its ground truth; relevance = same product.
 The comparison (raw pixels, the embedder, embedder + STIR at top_n 5 and 10, the perfect
-reranker of the top 5 / 10) and its machinery are those of ``bench_quality_class.py``:
-training through :func:`trainer.embedder.train_embedder` and
+reranker of the top 5 / 10) and its machinery are ``quality_common.py``'s, shared with
+``bench_quality_class.py``: training through :func:`trainer.embedder.train_embedder` and
 :func:`trainer.stir.train_stir` (default configs, ``--embedder-minutes`` and
 ``--stir-minutes``, or exact step counts: ``--embedder-steps`` and ``--stir-steps``),
 ranking, reranking and metrics through :mod:`searchsvc.learning.evaluation` and
@@ -30,19 +30,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_quality_class import (  # noqa: E402
+from quality_common import (
     PROFILE,
-    TOP_NS,
     ArrayEvalSet,
     budgets,
     check_steps,
@@ -54,12 +47,13 @@ from bench_quality_class import (  # noqa: E402
     write_outputs,
 )
 
-from searchsvc.learning.datasets import ViewParams, load_fashion_mnist, make_view  # noqa: E402
-from searchsvc.learning.training_data import load_size_for  # noqa: E402
-from searchsvc.models.embedder import profile_spec  # noqa: E402
-from trainer.augment import resize_pixels  # noqa: E402
-from trainer.data import TrainSet  # noqa: E402
-from trainer.embedder import EmbedderTrainConfig  # noqa: E402
+from searchsvc.learning.datasets import ViewParams, load_fashion_mnist, make_view
+from searchsvc.learning.evaluation import TOP_NS
+from searchsvc.learning.training_data import load_size_for
+from searchsvc.models.embedder import profile_spec
+from trainer.augment import resize_pixels
+from trainer.data import TrainSet
+from trainer.embedder import EmbedderTrainConfig
 
 SPLIT_IDS = {"train": 0, "test": 1}
 
