@@ -17,16 +17,13 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from machine import peak_rss_mib
 
 
 def run_bare(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:

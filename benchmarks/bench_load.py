@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import os
 import platform
-import resource
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
+from machine import peak_rss_mib
 
 from searchsvc.app import App
 from searchsvc.core.config import Settings, load_settings
@@ -183,7 +183,7 @@ def main() -> None:
     print(
         f"# machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
         f"demo catalog {args.products} x {args.views} photos, small profile, fp32; "
-        f"coordinator peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        f"coordinator peak RSS {peak_rss_mib():.0f} MiB"
     )
     print(f"{'ingest mode':<12} {'images':>7} {'seconds':>8} {'images/s':>9}")
     for label, result in ingest.items():
