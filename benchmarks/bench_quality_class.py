@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,7 +202,7 @@ def main() -> None:
         "top_ns": list(TOP_NS),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    report = {
+    report: dict[str, Any] = {
         "title": "Retrieval quality, class level (Fashion-MNIST)",
         "machine": machine,
         "settings": settings,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -207,7 +208,7 @@ def main() -> None:
         "top_ns": list(TOP_NS),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    report = {
+    report: dict[str, Any] = {
         "title": "Retrieval quality, instance level (Fashion-MNIST products, make_view photos)",
         "machine": machine,
         "settings": settings,

@@ -103,8 +103,8 @@ class ArrayEvalSet(EvalSet):
 
     def __init__(
         self,
-        gallery_labels: Sequence[Any],
-        query_labels: Sequence[Any],
+        gallery_labels: Sequence[Any] | np.ndarray,
+        query_labels: Sequence[Any] | np.ndarray,
         self_index: np.ndarray,
         pixels: dict[int, tuple[np.ndarray, np.ndarray]],
     ) -> None:
