@@ -9,16 +9,13 @@ searches (unfiltered and filtered on category). Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from searchsvc.index import EdgeIndex, IndexPoint, point_id_for  # noqa: E402
+from searchsvc.index import EdgeIndex, IndexPoint, point_id_for
 
 
 def main() -> None:

@@ -17,16 +17,13 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from machine import peak_rss_mib
 
 
 def run_bare(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
@@ -58,7 +55,7 @@ def run_bare(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
 def run_pipeline(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
     from searchsvc.app import App
     from searchsvc.core.config import load_settings
-    from searchsvc.jobs.model_store import ensure_active_embedder
+    from searchsvc.jobs.model_files import ensure_active_embedder
 
     settings = load_settings(
         env={"SEARCHSVC_HOME": str(home)}, overrides={"batch_size": batch_size}

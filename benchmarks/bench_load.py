@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import os
 import platform
-import resource
 import subprocess
 import tempfile
 import time
@@ -29,18 +28,20 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
+from machine import peak_rss_mib
 
 from searchsvc.app import App
 from searchsvc.core.config import Settings, load_settings
-from searchsvc.jobs.dispatch import EMBED_QUEUE, CeleryDispatcher
-from searchsvc.jobs.model_store import active_version, ensure_active_embedder, register_version
-from searchsvc.jobs.tasks import EMBED_TASK, EmbedRequest
+from searchsvc.jobs.dispatch import CeleryDispatcher
+from searchsvc.jobs.model_files import ensure_active_embedder, register_version
+from searchsvc.jobs.wire import EMBED_QUEUE, EMBED_TASK, EmbedRequest
 from searchsvc.learning.datasets import write_demo_catalog
 from searchsvc.models.embedder import load_embedding_net
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
 from searchsvc.serving.rerank_stage import StirRerankStage
 from searchsvc.serving.search import SearchService
 from searchsvc.storage.db import ModelKind
+from searchsvc.storage.versions import active_version
 from workers.command import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def ingest_mode(catalog: Path, home: Path, broker: str, workers: int) -> dict[st
 def warm_up(app: App, settings: Settings, workers: int) -> None:
     """Wait until every worker has booted and loaded the embedder (not part of ingest)."""
     version = ensure_active_embedder(app.db, settings)
-    request = EmbedRequest([], version.id, str(version.file), version.collection or "")
+    request = EmbedRequest([], version.id, version.collection or "")
     handles = [
         app.dispatcher.submit(EMBED_TASK, request.to_json(), queue=EMBED_QUEUE)
         for _ in range(4 * workers)
@@ -154,7 +155,9 @@ def main() -> None:
 
             def service() -> SearchService:
                 dispatcher = CeleryDispatcher(settings.broker_url)  # one connection per client
-                return app.search_service(StirRerankStage(settings, app.db, lambda: dispatcher))
+                return app.search_service(
+                    StirRerankStage(app.db, lambda: dispatcher, timeout_s=settings.rerank_timeout_s)
+                )
 
             warm = service()
             for photo in photos[:3]:  # the worker loads its model on the first task
@@ -183,7 +186,7 @@ def main() -> None:
     print(
         f"# machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
         f"demo catalog {args.products} x {args.views} photos, small profile, fp32; "
-        f"coordinator peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        f"coordinator peak RSS {peak_rss_mib():.0f} MiB"
     )
     print(f"{'ingest mode':<12} {'images':>7} {'seconds':>8} {'images/s':>9}")
     for label, result in ingest.items():

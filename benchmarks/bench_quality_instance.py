@@ -10,38 +10,36 @@ the training products (``--val-products``) is held out of training for model sel
 Evaluation: the SOP protocol on the test products' photos: every photo queries all the
 others, itself excluded from its results and its ground truth; relevance = same product.
 The comparison (raw pixels, the embedder, embedder + STIR at top_n 5 and 10, the perfect
-reranker of the top 5 / 10) and its machinery are those of ``bench_quality_class.py``:
-training through :func:`trainer.embedder.train_embedder` and
+reranker of the top 5 / 10) and its machinery are ``quality_common.py``'s, shared with
+``bench_quality_class.py``: training through :func:`trainer.embedder.train_embedder` and
 :func:`trainer.stir.train_stir` (default configs, ``--embedder-minutes`` and
-``--stir-minutes``), ranking, reranking and metrics through :mod:`searchsvc.learning.evaluation`
-and :mod:`searchsvc.learning.metrics`; STIR's fusion weight is calibrated on the validation
+``--stir-minutes``, or exact step counts: ``--embedder-steps`` and ``--stir-steps``),
+ranking, reranking and metrics through :mod:`searchsvc.learning.evaluation` and
+:mod:`searchsvc.learning.metrics`; STIR's fusion weight is calibrated on the validation
 products, and the report carries the gate's verdict there.
 
 Usage::
 
     python benchmarks/bench_quality_instance.py [--embedder-minutes 10] [--stir-minutes 10]
         [--train-products 20000] [--test-products 2000] [--photos 5] [--val-products 500]
-        [--seed 0] [--out benchmarks/results/quality_instance]
+        [--seed 0] [--embedder-steps N] [--stir-steps N]
+        [--out benchmarks/results/quality_instance]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_quality_class import (  # noqa: E402
+from quality_common import (
     PROFILE,
-    TOP_NS,
     ArrayEvalSet,
+    budgets,
+    check_steps,
     common_arguments,
     log,
     machine_info,
@@ -50,12 +48,13 @@ from bench_quality_class import (  # noqa: E402
     write_outputs,
 )
 
-from searchsvc.learning.datasets import ViewParams, load_fashion_mnist, make_view  # noqa: E402
-from searchsvc.learning.training_data import load_size_for  # noqa: E402
-from searchsvc.models.embedder import profile_spec  # noqa: E402
-from trainer.augment import resize_pixels  # noqa: E402
-from trainer.data import TrainSet  # noqa: E402
-from trainer.embedder import EmbedderTrainConfig  # noqa: E402
+from searchsvc.learning.datasets import ViewParams, load_fashion_mnist, make_view
+from searchsvc.learning.evaluation import TOP_NS
+from searchsvc.learning.training_data import load_size_for
+from searchsvc.models.embedder import profile_spec
+from trainer.augment import resize_pixels
+from trainer.data import TrainSet
+from trainer.embedder import EmbedderTrainConfig
 
 SPLIT_IDS = {"train": 0, "test": 1}
 
@@ -108,6 +107,7 @@ def main() -> None:
         help="training products held out of training for model selection (0: none)",
     )
     args = parser.parse_args()
+    check_steps(parser, args)
     if args.photos < 2:
         parser.error("--photos must be at least 2 (a query needs another photo of its product)")
     if args.val_products and args.val_products < 2:
@@ -166,15 +166,17 @@ def main() -> None:
         train_set=train_set,
         eval_set=eval_set,
         val_set=val_set,
-        embedder_minutes=args.embedder_minutes,
-        stir_minutes=args.stir_minutes,
+        **budgets(args),
+        stir_steps=args.stir_steps,
         seed=args.seed,
         precision=args.precision,
         chunk=args.chunk,
         gallery_is_train=False,
         timings=timings,
         progress=not args.no_progress,
-        embedder_config=EmbedderTrainConfig(seed=args.seed, precision=args.precision),
+        embedder_config=EmbedderTrainConfig(
+            seed=args.seed, precision=args.precision, steps=args.embedder_steps
+        ),
     )
     timings["total_s"] = time.monotonic() - started
     counts.update(
@@ -192,8 +194,9 @@ def main() -> None:
         "protocol": "SOP: every test photo queries the others, itself excluded",
         "train_products_from": "train split",
         "test_products_from": "test split",
-        "embedder_minutes": args.embedder_minutes,
-        "stir_minutes": args.stir_minutes,
+        **budgets(args),
+        "embedder_steps": args.embedder_steps,
+        "stir_steps": args.stir_steps,
         "seed": args.seed,
         "precision": args.precision,
         "profile": PROFILE,
@@ -205,7 +208,7 @@ def main() -> None:
         "top_ns": list(TOP_NS),
         "args": {k: str(v) for k, v in vars(args).items()},
     }
-    report = {
+    report: dict[str, Any] = {
         "title": "Retrieval quality, instance level (Fashion-MNIST products, make_view photos)",
         "machine": machine,
         "settings": settings,

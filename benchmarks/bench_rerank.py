@@ -30,14 +30,16 @@ import torch
 
 from searchsvc.app import App
 from searchsvc.core.config import load_settings
-from searchsvc.jobs.model_store import active_version, register_version
-from searchsvc.jobs.tasks import RerankRequest, encode_pixels, rerank
+from searchsvc.jobs.model_files import register_version
+from searchsvc.jobs.tasks import rerank
+from searchsvc.jobs.wire import RerankRequest, encode_pixels
 from searchsvc.learning.datasets import write_demo_catalog
 from searchsvc.models.batcher import MicroBatcher
 from searchsvc.models.embedder import load_embedding_net
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
 from searchsvc.storage.db import Image, ModelKind
 from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.versions import active_version
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -86,10 +88,7 @@ def main() -> None:
             picked = [hashes[i] for i in rng.choice(len(hashes), args.top_n, replace=False)]
             query = ctx.pixels.get(hashes[int(rng.integers(len(hashes)))], size)
             jobs.append((query, picked))
-        requests = [
-            RerankRequest(stir.id, str(stir.file), size, encode_pixels(q), picked)
-            for q, picked in jobs
-        ]
+        requests = [RerankRequest(stir.id, size, encode_pixels(q), picked) for q, picked in jobs]
         in_memory = [(q, np.stack([ctx.pixels.get(h, size) for h in picked])) for q, picked in jobs]
 
         # Warm up both paths once.

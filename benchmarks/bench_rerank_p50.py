@@ -43,8 +43,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = PixelStore(Path(tmp), cache_bytes=0)  # every rerank reads its candidates
         hashes = [f"{n:064x}" for n in range(64)]
-        for digest in hashes:
-            store.put(digest, rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        store.put_many(
+            (digest, rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for digest in hashes
+        )
         query = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
 
         def one_rerank(picked: list[str]) -> float:

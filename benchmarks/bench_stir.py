@@ -15,27 +15,13 @@ import dataclasses
 import datetime as dt
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
+from machine import cpu_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from searchsvc.core.profiles import PROFILES  # noqa: E402
-from searchsvc.models.stir import StirConfig, StirNet  # noqa: E402
-
-
-def cpu_name() -> str:
-    name = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or "unknown CPU"
+from searchsvc.core.profiles import PROFILES
+from searchsvc.models.stir import StirConfig, StirNet
 
 
 def pairs_per_second(

@@ -7,5 +7,6 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+MYPYPATH=benchmarks .venv/bin/mypy benchmarks/*.py
 .venv/bin/lint-imports
 .venv/bin/python -m pytest -q "$@"
