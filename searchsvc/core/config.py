@@ -125,6 +125,11 @@ class Settings:
         return self.home / "queries"
 
     @property
+    def blobs_dir(self) -> Path:
+        """The embedded blob store's folder (:mod:`searchsvc.storage.blobs`)."""
+        return self.home / "blobs"
+
+    @property
     def workers_write_index(self) -> bool:
         if self.index_writer == "auto":
             return bool(self.qdrant_url)
