@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,18 +136,9 @@ def served_embedder(db: Database, index: VectorIndex, alias: str) -> VersionRef:
     return embedder_of_collection(db, collection)
 
 
-class RecordQuery(Protocol):
-    """Where an answered query goes (:class:`QueryRecorder` writes the query log)."""
-
-    def __call__(
-        self,
-        response: QueryResponse,
-        data: bytes,
-        source: str,
-        filters: dict[str, str],
-        top_k: int,
-        outcome: RerankOutcome,
-    ) -> None: ...
+RecordQuery = Callable[["QueryResponse", bytes, str, dict[str, str], int, RerankOutcome], None]
+"""Where an answered query goes: (response, photo bytes, source, filters, top_k, outcome);
+:class:`QueryRecorder` writes the query log."""
 
 
 class QueryRecorder:

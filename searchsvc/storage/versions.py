@@ -133,17 +133,17 @@ def deactivate_kind(db: Database, kind: ModelKind) -> None:
 
 def merge_metrics(db: Database, version_id: int, **fields: Any) -> None:
     """Merge ``fields`` into a version's recorded metrics (the gate's decision, the swap)."""
-    with db.session() as session:
-        row = session.get(ModelVersion, version_id)
-        if row is None:
-            raise NotFoundError(f"model version {version_id}: no such version")
-        row.metrics = {**row.metrics, **fields}
+    _merge(db, version_id, "metrics", fields)
 
 
 def merge_config(db: Database, version_id: int, **fields: Any) -> None:
     """Merge ``fields`` into a version's recorded config (how a candidate was trained)."""
+    _merge(db, version_id, "config", fields)
+
+
+def _merge(db: Database, version_id: int, column: str, fields: dict[str, Any]) -> None:
     with db.session() as session:
         row = session.get(ModelVersion, version_id)
         if row is None:
             raise NotFoundError(f"model version {version_id}: no such version")
-        row.config = {**row.config, **fields}
+        setattr(row, column, {**getattr(row, column), **fields})
