@@ -107,7 +107,10 @@ class Recipe(ABC):
 
     def after_epoch_validation(self) -> None:  # noqa: B027 (an optional hook)
         """Called after each epoch's validation, which put the net back in training mode
-        (STIR re-freezes its backbone's modules)."""
+        (STIR re-freezes its backbone's modules). Not after the start validation: the
+        loops this one replaced did not re-freeze there, and a run must stay the same run
+        (so a validated STIR's first head epoch runs its frozen backbone's modules, e.g. a
+        conv stem's BatchNorm, in training mode)."""
 
     def later_steps_cost(self, step_times: list[float]) -> float:
         """Called once, when the calibration steps were timed under a budget: the average
