@@ -189,11 +189,13 @@ class EmbedderRecipe(Recipe):
             )
         views = seeded_views(
             self.data.pixels[batch],
-            self.spec,
-            self.device,
+            mean=self.spec.mean,
+            std=self.spec.std,
+            size=self.spec.input_size,
+            crop_scale=self.crop_scale,
+            device=self.device,
             seed=config.seed,
             step=step,
-            crop_scale=self.crop_scale,
         )
         labels = torch.as_tensor(self.data.labels[batch], device=self.device)
         with training_forward(self.net, self.device, self.dtype):

@@ -466,11 +466,13 @@ class StirRecipe(Recipe):
         first_at, second_at = index[: len(first)], index[len(first) :]
         views = seeded_views(
             self.data.pixels[items],
-            net.spec,
-            device,
+            mean=net.spec.mean,
+            std=net.spec.std,
+            size=net.spec.input_size,
+            crop_scale=config.crop_scale,
+            device=device,
             seed=config.seed,
             step=step,
-            crop_scale=config.crop_scale,
         )
         is_negative = torch.as_tensor(target, dtype=torch.float32, device=device)
         with training_forward(net, device, self.dtype):

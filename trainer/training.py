@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from searchsvc.models.profiles import EmbedderSpec
 from searchsvc.models.runtime import pixels_to_tensor
 from trainer.augment import random_resized_crop
 from trainer.loop import (
@@ -301,17 +300,20 @@ def run_training(
 
 def seeded_views(
     pixels: np.ndarray,
-    spec: EmbedderSpec,
-    device: torch.device,
     *,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    size: int,
+    crop_scale: tuple[float, float],
+    device: torch.device,
     seed: int,
     step: int,
-    crop_scale: tuple[float, float],
 ) -> torch.Tensor:
-    """A step's augmented views of ``pixels`` (``(N, L, L, 3)`` uint8), seeded by the step:
-    the crops by their own generator, and the global torch seed too, for the step's
-    dropout, so that a resumed run repeats the step exactly."""
-    images = pixels_to_tensor(pixels, spec.mean, spec.std, device)
+    """A step's augmented views of ``pixels`` (``(N, L, L, 3)`` uint8): normalised by
+    ``mean`` and ``std``, cropped to ``size``. Seeded by the step: the crops by their own
+    generator, and the global torch seed too, for the step's dropout, so that a resumed
+    run repeats the step exactly."""
+    images = pixels_to_tensor(pixels, mean, std, device)
     torch.manual_seed(seed * 1_000_003 + step)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return random_resized_crop(images, spec.input_size, scale=crop_scale, generator=generator)
+    return random_resized_crop(images, size, scale=crop_scale, generator=generator)
