@@ -20,24 +20,22 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from searchsvc.core.profiles import EmbedderSpec
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.runtime import (
     Precision,
-    pixels_to_tensor,
     select_device,
     training_autocast_dtype,
     training_forward,
 )
-from trainer.augment import random_resized_crop
 from trainer.data import TrainSet
 from trainer.loop import (
     CALIBRATION_STEPS,
@@ -45,17 +43,15 @@ from trainer.loop import (
     Log,
     TrainResult,
     Validate,
-    epoch_line,
     fine_tuning,
     lr_factor,
-    replan_after_calibration,
-    run_validation,
-    snapshot,
     stderr_log,
 )
 from trainer.losses import triplet_loss
 from trainer.samplers import BalancedBatchSampler
-from trainer.state import load_state, save_state
+from trainer.training import Recipe, StepLoss, run_training, seeded_views
+
+Mining = Literal["all", "hardest"]
 
 
 @dataclass(frozen=True)
@@ -120,149 +116,95 @@ def train_embedder(
     eval mode. With ``state_path`` the run resumes from (and keeps saving) that state."""
     started = time.monotonic()
     config = config.resolve(net.spec)
-    assert config.lr is not None and config.crop_scale is not None
-    budget = budget or Budget()
     device = select_device(config.device)
     dtype = training_autocast_dtype(device, config.precision)
     net.to(device).train()
-    sampler = BalancedBatchSampler(data.labels, config.n_labels, config.n_instances, config.seed)
-    per_epoch = len(sampler)
-    planned = config.steps or config.epochs * per_epoch
-    lr = config.lr
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    size = net.spec.input_size
-
-    step, epoch, skip = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best: dict[str, torch.Tensor] | None = None
-    best_metric, best_epoch, val_seconds = -1.0, 0, 0.0
-    if state_path is not None and state_path.is_file():
-        best, progress_state = load_state(state_path, model=net, optimizer=optimizer)
-        step, epoch, skip = progress_state["step"], progress_state["epoch"], progress_state["skip"]
-        planned, history = progress_state["planned"], progress_state["history"]
-        best_metric, best_epoch = progress_state["best_metric"], progress_state["best_epoch"]
-        val_seconds = progress_state["val_seconds"]
-        log(f"embedder: resumed at step {step}/{planned} (epoch {epoch + 1})")
-    elif validate is not None:
-        metrics, val_seconds = run_validation(net, validate)
-        best_metric, best = metrics[config.select_metric], snapshot(net)
-        history.append({"epoch": 0, "step": 0, **metrics, "val_seconds": val_seconds})
-        log(f"embedder: start weights {config.select_metric} {best_metric:.4f}")
-
-    def save(at_epoch: int, skip_batches: int) -> None:
-        if state_path is not None:
-            save_state(
-                state_path,
-                model=net,
-                optimizer=optimizer,
-                best=best,
-                progress={
-                    "step": step,
-                    "epoch": at_epoch,
-                    "skip": skip_batches,
-                    "planned": planned,
-                    "history": history,
-                    "best_metric": best_metric,
-                    "best_epoch": best_epoch,
-                    "val_seconds": val_seconds,
-                },
-            )
-
-    bar = tqdm(total=planned, initial=step, desc="embedder", unit="step", disable=not progress)
-    # A step's time is measured end to end (from the previous step's end), so that what
-    # happens between steps (a new sampler epoch, its log line) is planned for too.
-    step_times: list[float] = []
-    last_end = time.monotonic()
-    try:
-        # Stepping stops while the last validation still fits in the budget.
-        while step < planned and not budget.expired(val_seconds if validate else 0.0):
-            losses, actives, mining = [], [], "all"
-            stopped_at: int | None = None
-            for batch_no, batch in enumerate(sampler.epoch(epoch)):
-                if batch_no < skip:
-                    continue
-                if step >= planned or budget.expired(val_seconds if validate else 0.0):
-                    stopped_at = batch_no
-                    break
-                all_phase = max(CALIBRATION_STEPS, config.all_triplets_fraction * planned)
-                mining = "all" if step < all_phase else "hardest"
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_factor(
-                        step, warmup=config.warmup_steps, total=planned, hold=CALIBRATION_STEPS
-                    )
-                images = pixels_to_tensor(data.pixels[batch], net.spec.mean, net.spec.std, device)
-                torch.manual_seed(config.seed * 1_000_003 + step)  # dropout: same after a resume
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-                views = random_resized_crop(
-                    images, size, scale=config.crop_scale, generator=generator
-                )
-                labels = torch.as_tensor(data.labels[batch], device=device)
-                with training_forward(net, device, dtype):
-                    embeddings = net(views)
-                stats = triplet_loss(embeddings, labels, margin=config.margin, mining=mining)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(stats.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(stats.loss.detach()))
-                actives.append(stats.active)
-                step += 1
-                bar.update(1)
-                now = time.monotonic()
-                step_times.append(now - last_end)
-                last_end = now
-                planned = replan_after_calibration(
-                    step_times,
-                    planned,
-                    step,
-                    validation_seconds=val_seconds,
-                    steps_per_epoch=per_epoch,
-                    budget=budget,
-                    bar=bar,
-                    log=log,
-                    name="embedder",
-                )
-            if losses:
-                entry: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "loss": float(np.mean(losses)),
-                    "active_triplets": float(np.mean(actives)),
-                    "mining": mining,
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
-                if validate is not None:
-                    metrics, val_seconds = run_validation(net, validate)
-                    entry.update(metrics, val_seconds=val_seconds)
-                    if metrics[config.select_metric] > best_metric:
-                        best_metric, best_epoch = metrics[config.select_metric], epoch + 1
-                        best = snapshot(net)
-                history.append(entry)
-                log(epoch_line("embedder", entry, config.select_metric))
-            if stopped_at is None:
-                epoch, skip = epoch + 1, 0
-            else:
-                skip = stopped_at  # a resumed run continues this epoch at this batch
-            save(epoch, skip)
-    finally:
-        bar.close()
-    stopped_by = "steps" if step >= planned else "time"
-    if best is not None:
-        net.load_state_dict(best)
-    else:
-        best_metric, best_epoch = float("nan"), epoch
-    net.eval()
-    return TrainResult(
-        best_metric=best_metric,
-        best_epoch=best_epoch,
-        steps_done=step,
-        planned_steps=planned,
-        epochs_done=epoch,
-        stopped_by=stopped_by,
-        seconds=time.monotonic() - started,
-        history=history,
+    recipe = EmbedderRecipe(net, data, config, device, dtype)
+    return run_training(
+        recipe,
+        planned=config.steps or config.epochs * recipe.steps_per_epoch,
+        select_metric=config.select_metric,
+        validate=validate,
+        budget=budget or Budget(),
+        state_path=state_path,
+        device=device,
+        dtype=dtype,
+        log=log,
+        progress=progress,
+        started=started,
     )
+
+
+class EmbedderRecipe(Recipe):
+    """Triplet loss on balanced batches (see the module docstring) for
+    :func:`trainer.training.run_training`."""
+
+    name = "embedder"
+
+    def __init__(
+        self,
+        net: EmbeddingNet,
+        data: TrainSet,
+        config: EmbedderTrainConfig,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> None:
+        """``config``: resolved (:meth:`EmbedderTrainConfig.resolve`)."""
+        assert config.lr is not None and config.crop_scale is not None
+        self.net = net
+        self.spec = net.spec
+        self.data = data
+        self.config = config
+        self.lr = config.lr
+        self.crop_scale = config.crop_scale
+        self.device = device
+        self.dtype = dtype
+        self.sampler = BalancedBatchSampler(
+            data.labels, config.n_labels, config.n_instances, config.seed
+        )
+        self._optimizer = torch.optim.AdamW(
+            net.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.mining: Mining = "all"
+        """The last step's triplets: ``all`` for the first steps, then ``hardest``."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def batches(self, epoch: int) -> Iterator[np.ndarray]:
+        return self.sampler.epoch(epoch)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def step_loss(self, step: int, planned: int, batch: np.ndarray) -> StepLoss:
+        config = self.config
+        all_phase = max(CALIBRATION_STEPS, config.all_triplets_fraction * planned)
+        self.mining = "all" if step < all_phase else "hardest"
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor(
+                step, warmup=config.warmup_steps, total=planned, hold=CALIBRATION_STEPS
+            )
+        views = seeded_views(
+            self.data.pixels[batch],
+            mean=self.spec.mean,
+            std=self.spec.std,
+            size=self.spec.input_size,
+            crop_scale=self.crop_scale,
+            device=self.device,
+            seed=config.seed,
+            step=step,
+        )
+        labels = torch.as_tensor(self.data.labels[batch], device=self.device)
+        with training_forward(self.net, self.device, self.dtype):
+            embeddings = self.net(views)
+        stats = triplet_loss(embeddings, labels, margin=config.margin, mining=self.mining)
+        return StepLoss(stats.loss, {"active_triplets": stats.active})
+
+    def epoch_fields(self) -> dict[str, Any]:
+        return {"mining": self.mining}
 
 
 def copy_net(net: EmbeddingNet) -> EmbeddingNet:

@@ -1,4 +1,4 @@
-"""What the two training loops share: the time budget, the step plan, the lr schedule.
+"""The time budget, the step plan, the lr schedule (for the loop, :mod:`trainer.training`).
 
 A run is planned in optimisation STEPS, so its schedule (warm-up, cosine decay, the
 all-triplets phase, the pair curriculum, the frozen phase) is a function of the step

@@ -8,6 +8,7 @@ epoch, plan, history) and the optimizer's non-tensor state. Written atomically
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from searchsvc.core.errors import ModelError
-from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
+from searchsvc.models.checkpoint import config_path_for, load_checkpoint, save_checkpoint
 
 STATE_KIND = "training-state"
 
@@ -52,8 +53,7 @@ def load_state(
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """Restore ``model`` (and ``optimizer``) from ``path``; returns (best weights, progress)."""
     tensors, config = load_checkpoint(path)
-    if config.get("kind") != STATE_KIND:
-        raise ModelError(f"{path}: not a training state (kind={config.get('kind')!r})")
+    _check_kind(path, config)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
     if optimizer is not None:
@@ -68,3 +68,25 @@ def load_state(
             {"state": state, "param_groups": config["optimizer"]["param_groups"]}
         )
     return best, dict(config["progress"])
+
+
+def saved_progress(path: Path) -> dict[str, Any]:
+    """The progress of the state at ``path``, read from its JSON alone: what a loop must
+    know before it can restore the state (STIR's phase decides which optimizer the saved
+    optimizer state belongs to), without reading the weights twice."""
+    config_file = config_path_for(path)
+    if not config_file.is_file():
+        raise ModelError(f"{path}: its config {config_file.name} is missing")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config_file}: not a valid model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file}: not a valid model config (not a JSON object)")
+    _check_kind(path, config)
+    return dict(config["progress"])
+
+
+def _check_kind(path: Path, config: dict[str, Any]) -> None:
+    if config.get("kind") != STATE_KIND:
+        raise ModelError(f"{path}: not a training state (kind={config.get('kind')!r})")
