@@ -18,7 +18,6 @@ The function takes arrays, not the DB: a benchmark can call it with its own data
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -205,8 +204,3 @@ class EmbedderRecipe(Recipe):
 
     def epoch_fields(self) -> dict[str, Any]:
         return {"mining": self.mining}
-
-
-def copy_net(net: EmbeddingNet) -> EmbeddingNet:
-    """An independent copy (training must not touch the caller's serving network)."""
-    return copy.deepcopy(net).cpu()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from searchsvc.core.errors import ModelError
+from searchsvc.core.files import config_path_for
 from searchsvc.core.profiles import PROFILES, EmbedderSpec
 from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
 from searchsvc.models.runtime import (
@@ -172,8 +173,6 @@ def profile_spec(profile: str) -> EmbedderSpec:
 
 def embedder_dim(path: Path) -> int:
     """The vector size of an embedder file, read from its JSON config (no weights loaded)."""
-    from searchsvc.models.checkpoint import config_path_for
-
     try:
         return int(json.loads(config_path_for(path).read_text(encoding="utf-8"))["dim"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
