@@ -154,7 +154,7 @@ def test_a_validation_side_without_queries_is_refused(db: Database) -> None:
 def test_pixels_from_the_store_or_the_original(settings: Settings, tmp_path: Path) -> None:
     store = PixelStore(settings.media_dir)
     original = _photo(tmp_path / "x.png", 90)
-    store.put("cached", np.full((32, 32, 3), 7, np.uint8))
+    store.put_many([("cached", np.full((32, 32, 3), 7, np.uint8))])
     loader = PixelLoader(10**7, 10**8, store)
     assert (loader.one(original, "cached", 32) == 7).all()  # ingest's copy
     assert (loader.one(original, "cached", 37) == 90).all()  # another size: the original
