@@ -19,7 +19,7 @@ import torch
 from searchsvc.core.config import Settings
 from searchsvc.index import IndexMode, VectorIndex, open_index
 from searchsvc.jobs.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
-from searchsvc.jobs.ingest import IngestCoordinator, IngestSummary, ProgressCallback
+from searchsvc.jobs.ingest import DeleteLimit, IngestCoordinator, IngestSummary, ProgressCallback
 from searchsvc.jobs.model_files import ensure_active_embedder
 from searchsvc.jobs.switch import SwapReport, switch_embedder
 from searchsvc.jobs.tasks import TaskContext, task_functions
@@ -130,7 +130,12 @@ class App:
         return self._dispatcher
 
     def ingest(
-        self, root: Path, *, sync: bool = False, progress: ProgressCallback | None = None
+        self,
+        root: Path,
+        *,
+        sync: bool = False,
+        progress: ProgressCallback | None = None,
+        max_delete: DeleteLimit | None = None,
     ) -> IngestSummary:
         index = self.index("write")
         version = ensure_active_embedder(self.db, self.settings)
@@ -144,7 +149,7 @@ class App:
             max_in_flight=self.settings.ingest_tasks_in_flight,
         )
         with _cpu_tasks_single_threaded(self.settings):
-            return coordinator.run(root, sync=sync, progress=progress)
+            return coordinator.run(root, sync=sync, progress=progress, max_delete=max_delete)
 
     def switch_embedder(
         self, version_id: int, progress: Callable[[int, int], None] | None = None

@@ -95,6 +95,10 @@ class Settings:
     task_visibility_timeout_s: float = 3600.0
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""
+    sync_max_delete_fraction: float = 0.25
+    """``ingest --sync`` refuses to remove more than this share of a catalog's live images
+    (an empty or half-mounted share looks like a catalog whose images were all deleted);
+    ``--max-delete`` or ``--force`` overrides it for one run."""
     seed: int = 0
     split_seed: int = 0
     """Seed of the train/validation split by product (retrain and ``searchsvc eval``)."""
@@ -229,6 +233,8 @@ def _validate(settings: Settings) -> None:
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")
+    if not 0.0 <= settings.sync_max_delete_fraction <= 1.0:
+        fail("sync_max_delete_fraction", "must be between 0 and 1")
     if not 0.0 < settings.val_fraction < 1.0:
         fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):

@@ -57,6 +57,14 @@ class CatalogProblem:
         return f"{self.item}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class UnlistedFolder(CatalogProblem):
+    """A product folder that is there but could not be listed: its images are unknown, not
+    gone, so ``--sync`` keeps its rows."""
+
+    product_id: str = ""
+
+
 def check_product_id(product_id: str) -> str | None:
     """The reason ``product_id`` is unusable, or None when it is fine."""
     if not product_id or not product_id.strip():
@@ -237,7 +245,9 @@ def _iter_product_folder(product_id: str, folder: Path) -> Iterator[CatalogImage
                 if not e.name.startswith(".")
             )
     except OSError as exc:
-        yield CatalogProblem(f"{product_id}/", f"cannot list folder ({exc.strerror or exc})")
+        yield UnlistedFolder(
+            f"{product_id}/", f"cannot list folder ({exc.strerror or exc})", product_id
+        )
         return
     for name, is_dir in entries:
         item = f"{product_id}/{name}"

@@ -1,0 +1,181 @@
+"""Ingest and ``--sync`` lose nothing that is still there (issue 17, "Ingest and sync").
+
+Driven through the CLI a user runs, on the embedded stack. Faults that a root-run test
+cannot cause for real (a folder that fails to list, a file that cannot be read, a decoder
+that raises something unexpected) are injected by monkeypatching the one function the
+ingest goes through for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from catalog_factory import GeneratedCatalog, make_catalog
+from click.testing import CliRunner, Result
+from sqlalchemy import select
+
+from searchsvc.cli import main
+from searchsvc.core.config import load_settings
+from searchsvc.index import EdgeIndex
+from searchsvc.storage.db import Database
+from searchsvc.storage.db import Image as ImageRow
+
+
+def run(*args: str, ok: bool = True) -> Result:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def ingest_json(catalog: Path, *extra: str) -> dict[str, Any]:
+    return json.loads(run("ingest", str(catalog), "--json", *extra).output)
+
+
+def rows(home: Path) -> dict[str, tuple[str, str | None]]:
+    """``product/filename`` -> (status, point id) of every image row."""
+    db = Database(load_settings(env={"SEARCHSVC_HOME": str(home)}).sqlalchemy_url)
+    try:
+        with db.session() as session:
+            found = session.execute(
+                select(ImageRow.product_id, ImageRow.filename, ImageRow.status, ImageRow.point_id)
+            ).all()
+            return {f"{p}/{f}": (str(s.value), point) for p, f, s, point in found}
+    finally:
+        db.dispose()
+
+
+def index_point_ids(home: Path) -> set[str]:
+    with EdgeIndex(home / "qdrant") as index:
+        collection = index.resolve_alias("images")
+        assert collection is not None
+        return set(index.iter_point_ids(collection))
+
+
+def indexed(home: Path) -> set[str]:
+    return {name for name, (status, _) in rows(home).items() if status == "indexed"}
+
+
+def assert_every_indexed_row_has_its_point(home: Path) -> None:
+    points = index_point_ids(home)
+    for name, (status, point) in rows(home).items():
+        if status == "indexed":
+            assert point in points, f"{name} is indexed but its point {point} is gone"
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> GeneratedCatalog:
+    return make_catalog(tmp_path / "catalog", products=4, views=2)
+
+
+# ----------------------------------------------------------------------------- --sync
+
+
+def test_sync_of_an_empty_mount_point_is_refused_and_names_what_it_would_remove(
+    env_home: Path, small: GeneratedCatalog, tmp_path: Path
+) -> None:
+    ingest_json(small.root)
+    before = indexed(env_home)
+    assert len(before) == 8
+    # The share is unmounted: the mount point is there, and empty.
+    shutil.move(small.root, tmp_path / "elsewhere")
+    small.root.mkdir()
+
+    refused = run("ingest", str(small.root), "--sync", "--json", ok=False)
+    assert refused.exit_code == 1
+    assert "--sync refused" in refused.output and "would remove 8 of the 8" in refused.output
+    assert "p000/view0.jpg" in refused.output and "--force" in refused.output
+    assert indexed(env_home) == before
+    assert len(index_point_ids(env_home)) == 8
+
+    # Told so, it removes everything.
+    forced = ingest_json(small.root, "--sync", "--force")
+    assert forced["images_removed"] == 8
+    assert indexed(env_home) == set() and index_point_ids(env_home) == set()
+
+
+def test_sync_over_the_share_is_refused_and_max_delete_lets_it_through(
+    env_home: Path, small: GeneratedCatalog
+) -> None:
+    ingest_json(small.root)
+    shutil.rmtree(small.root / "p001")  # 2 of 8 images = 25%: at the default limit
+    assert ingest_json(small.root, "--sync")["images_removed"] == 2
+
+    shutil.rmtree(small.root / "p002")  # 2 of the 6 left = 33%: over it
+    refused = run("ingest", str(small.root), "--sync", ok=False)
+    assert refused.exit_code == 1 and "would remove 2 of the 6" in refused.output
+    assert {"p002/view0.jpg", "p002/view1.png"} <= indexed(env_home)
+
+    too_few = run("ingest", str(small.root), "--sync", "--max-delete", "1", ok=False)
+    assert too_few.exit_code == 1 and "limit of 1 images" in too_few.output
+    assert ingest_json(small.root, "--sync", "--max-delete", "40%")["images_removed"] == 2
+    left = {f"{p}/view{v}" for p in ("p000", "p003") for v in ("0.jpg", "1.png")}
+    assert indexed(env_home) == left
+    assert_every_indexed_row_has_its_point(env_home)
+
+
+def test_sync_limit_setting_and_bad_max_delete(
+    env_home: Path, small: GeneratedCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest_json(small.root)
+    shutil.rmtree(small.root / "p001")
+    shutil.rmtree(small.root / "p002")
+    monkeypatch.setenv("SEARCHSVC_SYNC_MAX_DELETE_FRACTION", "0.5")
+    bad = run("ingest", str(small.root), "--sync", "--max-delete", "lots", ok=False)
+    assert bad.exit_code != 0 and "--max-delete" in bad.output
+    assert ingest_json(small.root, "--sync")["images_removed"] == 4
+
+
+def test_sync_keeps_the_images_of_a_folder_that_fails_to_list(
+    env_home: Path, small: GeneratedCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingest_json(small.root)
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path).name == "p002":
+            raise OSError(5, "Input/output error")
+        return real_scandir(path)
+
+    monkeypatch.setattr("searchsvc.storage.catalog.os.scandir", scandir)
+    (small.root / "p003" / "view1.png").unlink()  # and one image really is gone
+    summary = ingest_json(small.root, "--sync", "--force")
+    assert summary["images_removed"] == 1
+    problems = {p["item"]: p["reason"] for p in summary["problems"]}
+    assert "cannot list folder" in problems["p002/"]
+    assert {"p002/view0.jpg", "p002/view1.png"} <= indexed(env_home)
+    assert rows(env_home)["p003/view1.png"][0] == "removed"
+    assert_every_indexed_row_has_its_point(env_home)
+
+
+def test_sync_keeps_an_image_that_is_listed_but_cannot_be_read(
+    env_home: Path, small: GeneratedCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from searchsvc.core.errors import ImageError
+    from searchsvc.jobs import ingest as ingest_module
+
+    ingest_json(small.root)
+    real_read = ingest_module.read_image_bytes
+
+    def read(path: Path, max_bytes: int) -> bytes:
+        if path.name == "view0.jpg" and path.parent.name == "p001":
+            raise ImageError(str(path), "cannot read file (Input/output error)")
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(ingest_module, "read_image_bytes", read)
+    summary = ingest_json(small.root, "--sync", "--force")
+    assert summary["images_removed"] == 0
+    assert "p001/view0.jpg" in indexed(env_home)
+
+
+def test_sync_of_a_missing_catalog_root_is_refused(env_home: Path, small: GeneratedCatalog) -> None:
+    ingest_json(small.root)
+    shutil.rmtree(small.root)
+    missing = run("ingest", str(small.root), "--sync", "--force", ok=False)
+    assert missing.exit_code == 1 and "catalog directory not found" in missing.output
+    assert len(indexed(env_home)) == 8
