@@ -179,3 +179,39 @@ def test_sync_of_a_missing_catalog_root_is_refused(env_home: Path, small: Genera
     missing = run("ingest", str(small.root), "--sync", "--force", ok=False)
     assert missing.exit_code == 1 and "catalog directory not found" in missing.output
     assert len(indexed(env_home)) == 8
+
+
+# ------------------------------------------------------------- same bytes, two names
+
+
+def test_two_names_with_the_same_bytes_keep_their_shared_point(
+    env_home: Path, small: GeneratedCatalog
+) -> None:
+    import numpy as np
+    from catalog_factory import product_pattern, render_view
+
+    original = small.root / "p000" / "view0.jpg"
+    copy = small.root / "p000" / "copy.jpg"
+    shutil.copyfile(original, copy)
+    ingest_json(small.root)
+    assert rows(env_home)["p000/copy.jpg"] == rows(env_home)["p000/view0.jpg"]  # one point
+
+    # Edit the copy: the original keeps the point they shared.
+    render_view(product_pattern(np.random.default_rng(7)), np.random.default_rng(7)).save(copy)
+    assert ingest_json(small.root)["images_changed"] == 1
+    assert {"p000/view0.jpg", "p000/copy.jpg"} <= indexed(env_home)
+    assert_every_indexed_row_has_its_point(env_home)
+
+    # Same bytes again, then delete the copy and sync: the original keeps the point.
+    shutil.copyfile(original, copy)
+    ingest_json(small.root)
+    copy.unlink()
+    assert ingest_json(small.root, "--sync", "--force")["images_removed"] == 1
+    assert "p000/view0.jpg" in indexed(env_home)
+    assert_every_indexed_row_has_its_point(env_home)
+
+    # And deleting the last name of those bytes removes the point.
+    point = rows(env_home)["p000/view0.jpg"][1]
+    original.unlink()
+    ingest_json(small.root, "--sync", "--force")
+    assert point not in index_point_ids(env_home)

@@ -12,13 +12,14 @@ point ids come from the content, so a repeated upsert overwrites instead of dupl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from searchsvc.core.config import Settings
 from searchsvc.core.errors import ImageError, SearchsvcError
@@ -515,8 +516,16 @@ class IngestCoordinator:
         new_points = {
             item.image_id: point_id_for(item.product_id, item.content_hash) for item in items
         }
-        # A changed image's old point goes, whether or not its new content embedded.
-        stale = [old for image_id, old in old_points.items() if old and old != new_points[image_id]]
+        # A changed image's old point goes, whether or not its new content embedded, unless
+        # another row still holds it (the same bytes under another name of the product).
+        released = {
+            old: by_id[image_id].product_id
+            for image_id, old in old_points.items()
+            if old and old != new_points[image_id]
+        }
+        with self.db.session() as session:
+            held = _held_points(session, released)
+        stale = [point for point in released if point not in held]
         write_points(self.index, self._collection(), items, response, stale=stale)
 
         # One executemany per outcome. The content-hash condition leaves a row alone when a
@@ -589,7 +598,7 @@ class IngestCoordinator:
         prefix = str(root).rstrip("/") + "/"
         live = removing = 0
         names: list[str] = []
-        for rows, gone in self._sync_batches(prefix, summary.run_id, modify=False):
+        for _, rows, gone in self._sync_batches(prefix, summary.run_id, modify=False):
             live += sum(
                 1
                 for row in rows
@@ -611,13 +620,17 @@ class IngestCoordinator:
                 f"catalog is complete (mounted, readable), re-run with --max-delete {removing} "
                 f"or --force"
             )
-        for _, gone in self._sync_batches(prefix, summary.run_id, modify=True):
-            point_ids = [row.point_id for row in gone if row.point_id]
-            if point_ids and self.index is not None:
-                self.index.delete(self._collection(), point_ids)
+        for session, _, gone in self._sync_batches(prefix, summary.run_id, modify=True):
+            released = {row.point_id: row.product_id for row in gone if row.point_id}
             for row in gone:
                 row.status = ImageStatus.REMOVED
                 row.point_id = None
+            if gone:
+                session.flush()
+                held = _held_points(session, released)
+                point_ids = [point for point in released if point not in held]
+                if point_ids and self.index is not None:
+                    self.index.delete(self._collection(), point_ids)
             summary.images_removed += len(gone)
         with self.db.session() as session:
             live_products = select(Image.product_id).where(Image.status != ImageStatus.REMOVED)
@@ -632,9 +645,9 @@ class IngestCoordinator:
 
     def _sync_batches(
         self, prefix: str, run_id: int, *, modify: bool
-    ) -> Iterator[tuple[list[Image], list[Image]]]:
-        """Every image row, a batch at a time (keyset pagination), with the batch's rows
-        that are gone; with ``modify`` the caller's changes to them are committed."""
+    ) -> Iterator[tuple[Session, list[Image], list[Image]]]:
+        """Every image row, a batch at a time (keyset pagination), with its session and the
+        batch's rows that are gone; with ``modify`` the caller's changes are committed."""
         last_id = 0
         while True:
             with self.db.session() as session:
@@ -654,9 +667,31 @@ class IngestCoordinator:
                     and row.last_seen_run_id != run_id
                     and row.product_id not in self._unlisted
                 ]
-                yield rows, gone
+                yield session, rows, gone
                 if not modify:
                     session.rollback()
+
+
+def _held_points(session: Session, released: Mapping[str, str]) -> set[str]:
+    """Of the ``released`` points (point id -> its product), those a live row still holds.
+
+    A point id comes from (product, content), so two file names of one product with the same
+    bytes share one point: editing or removing one must leave the point to the other.
+    Pending rows count (their point may be written already); failed ones hold none.
+    """
+    if not released:
+        return set()
+    held: set[str] = set()
+    for product_id, digest in session.execute(
+        select(Image.product_id, Image.content_hash).where(
+            Image.product_id.in_(set(released.values())),
+            Image.status.in_([ImageStatus.PENDING, ImageStatus.INDEXED]),
+        )
+    ):
+        point = point_id_for(product_id, digest)
+        if point in released:
+            held.add(point)
+    return held
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
