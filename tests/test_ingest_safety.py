@@ -215,3 +215,40 @@ def test_two_names_with_the_same_bytes_keep_their_shared_point(
     original.unlink()
     ingest_json(small.root, "--sync", "--force")
     assert point not in index_point_ids(env_home)
+
+
+# ------------------------------------------------------- unexpected decoder exceptions
+
+
+def test_a_decoder_raising_an_unexpected_exception_fails_only_its_image(
+    env_home: Path, small: GeneratedCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import struct
+
+    from PIL import Image, ImageOps
+
+    Image.new("RGB", (70, 50), "red").save(small.root / "p001" / "struct.png")
+    opened_poison = small.root / "p002" / "runtime.png"
+    Image.new("RGB", (50, 70), "blue").save(opened_poison)
+    poison_bytes = opened_poison.read_bytes()
+    real_open, real_transpose = Image.open, ImageOps.exif_transpose
+
+    def open_image(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        if hasattr(fp, "getvalue") and fp.getvalue() == poison_bytes:
+            raise RuntimeError("plugin state corrupted")
+        return real_open(fp, *args, **kwargs)
+
+    def exif_transpose(image: Any, **kwargs: Any) -> Any:
+        if image.size == (70, 50):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real_transpose(image, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_image)
+    monkeypatch.setattr(ImageOps, "exif_transpose", exif_transpose)
+    summary = ingest_json(small.root)
+    problems = {p["item"]: p["reason"] for p in summary["problems"]}
+    assert "struct.error" in problems["p001/struct.png"]
+    assert "RuntimeError" in problems["p002/runtime.png"]
+    assert summary["images_failed"] == 2 and summary["images_embedded"] == 8
+    assert len(indexed(env_home)) == 8
+    assert rows(env_home)["p001/struct.png"][0] == "failed"

@@ -2,8 +2,9 @@
 
 Every failure raises :class:`ImageError` naming the source and the reason: a missing or
 oversized file, bytes that are not an image of an allowed format, a truncated file, an image
-over the pixel limit (a decompression bomb, checked from the header *before* decoding), or a
-mode we cannot turn into RGB.
+over the pixel limit (a decompression bomb, checked from the header *before* decoding), a
+mode we cannot turn into RGB, or any other exception a decoder plugin raises (a crafted file
+can reach code paths that raise ``struct.error``, ``RuntimeError``...: it fails alone).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def decode_image(
         raise ImageError(source, "not a recognised image file") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as exc:
         raise ImageError(source, _failure_reason("cannot open image", exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's own bug (struct.error, ...) is this file's
+        raise ImageError(source, _unexpected("opening", exc)) from None
 
     if image.format not in ALLOWED_FORMATS:
         raise ImageError(source, f"image format {image.format} is not accepted")
@@ -95,6 +98,18 @@ def decode_image(
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(source, _failure_reason("cannot decode image", exc)) from None
+    except Exception as exc:  # noqa: BLE001 - see above: it fails this image, not its batch
+        raise ImageError(source, _unexpected("decoding", exc)) from None
+
+
+def _unexpected(step: str, exc: Exception) -> str:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return f"the decoder failed while {step} ({name}: {exc})"
 
 
 def _failure_reason(default: str, exc: BaseException) -> str:

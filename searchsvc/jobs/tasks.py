@@ -87,6 +87,10 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
         except ImageError as exc:
             results[item.image_id] = EmbedResult(item.image_id, error=exc.reason)
             continue
+        except Exception as exc:  # noqa: BLE001 - one image's surprise must not fail its batch
+            reason = f"unexpected error reading the image ({type(exc).__name__}: {exc})"
+            results[item.image_id] = EmbedResult(item.image_id, error=reason)
+            continue
         ok_items.append(item)
         pixel_rows.append(pixels)
         results[item.image_id] = EmbedResult(item.image_id, width=width, height=height)
