@@ -339,7 +339,7 @@ def test_alembic_command_line_uses_the_same_migrations(tmp_path: Path) -> None:
         return proc.stdout + proc.stderr
 
     alembic("upgrade", "head")
-    assert "0001 (head)" in alembic("current")
+    assert "(head)" in alembic("current")  # whichever revision is the head
     assert "No new upgrade operations detected" in alembic("check")
     db = Database(url, auto_migrate=False)
     try:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from searchsvc.cli import main
 from searchsvc.core.config import load_settings
 from searchsvc.index import EdgeIndex
-from searchsvc.storage.db import Database
+from searchsvc.storage.db import Database, ImageStatus
 from searchsvc.storage.db import Image as ImageRow
 
 
@@ -252,3 +252,109 @@ def test_a_decoder_raising_an_unexpected_exception_fails_only_its_image(
     assert summary["images_failed"] == 2 and summary["images_embedded"] == 8
     assert len(indexed(env_home)) == 8
     assert rows(env_home)["p001/struct.png"][0] == "failed"
+
+
+# ------------------------------------------------------------- deliveries that died
+
+
+class WorkerDied(BaseException):
+    """Stands for the process dying mid-task: nothing after the raise runs, as after kill -9."""
+
+
+def test_an_image_whose_delivery_kills_the_worker_is_given_up_after_n(
+    settings: Any, small: GeneratedCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the function boundary: a delivery that dies is the task function stopping
+    mid-way (what a real worker's death leaves in the database is the same); the real
+    worker killed by a poisoned image is ``test_a_poisoned_image_that_kills_real_workers``."""
+    from searchsvc.app import App
+    from searchsvc.jobs import tasks
+    from searchsvc.jobs.wire import EmbedItem, EmbedRequest
+    from searchsvc.storage.db import ModelKind
+    from searchsvc.storage.versions import active_version
+
+    app = App(settings)
+    try:
+        app.ingest(small.root)
+        with app.db.session() as session:
+            found = session.execute(
+                select(
+                    ImageRow.id, ImageRow.product_id, ImageRow.source_path, ImageRow.content_hash
+                )
+                .where(ImageRow.product_id.in_(["p000", "p001"]))
+                .order_by(ImageRow.product_id, ImageRow.filename)
+            ).all()
+        items = [EmbedItem(i, p, path, h) for i, p, path, h in found]
+        assert len(items) == 4
+        poison = items[1]
+        version = active_version(app.db, ModelKind.EMBEDDER)
+        assert version is not None and version.collection
+        request = EmbedRequest(items, version.id, version.collection)
+        real_load = tasks.load_pixels
+
+        def load_pixels(data: bytes, source: str, **kwargs: Any) -> Any:
+            if source == poison.path:
+                raise WorkerDied
+            return real_load(data, source, **kwargs)
+
+        monkeypatch.setattr(tasks, "load_pixels", load_pixels)
+        ctx = app.task_context()
+
+        def counts() -> list[int]:
+            with app.db.session() as session:
+                by_id = dict(session.execute(select(ImageRow.id, ImageRow.embed_deliveries)).all())
+            return [by_id[item.image_id] for item in items]
+
+        for expected in ([1, 1, 1, 1], [0, 2, 1, 1], [0, 3, 1, 1]):
+            with pytest.raises(WorkerDied):
+                tasks.embed_images(request, ctx)
+            assert counts() == expected  # only the image under way accumulates
+        response = tasks.embed_images(request, ctx)
+        errors = {r.image_id: r.error for r in response.results}
+        assert errors[poison.image_id] and "given up after 3" in errors[poison.image_id]
+        assert [errors[item.image_id] for item in items if item != poison] == [None] * 3
+        assert counts() == [0, 3, 0, 0]
+        with app.db.session() as session:
+            row = session.get(ImageRow, poison.image_id)
+            assert row is not None and row.status == ImageStatus.FAILED
+            assert row.error and "given up" in row.error
+    finally:
+        app.close()
+
+
+@pytest.mark.slow
+def test_a_poisoned_image_that_kills_real_workers_is_given_up(
+    tmp_path: Path, small: GeneratedCatalog
+) -> None:
+    """A real prefork worker whose child dies (SIGKILL) on one image: Celery requeues the
+    task each time (``task_reject_on_worker_lost``), until the image is given up."""
+    from PIL import Image
+    from workers_harness import RedisServer, cli_env, searchsvc, start_worker, stop
+
+    Image.new("RGB", (70, 50), "green").save(small.root / "p001" / "poison.png")
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    home = tmp_path / "home"
+    env = cli_env(home, {"SEARCHSVC_BROKER_URL": redis_server.url, "SEARCHSVC_BATCH_SIZE": "3"})
+    worker_env = dict(env)
+    worker_env["SEARCHSVC_TEST_POISON_SIZE"] = "70x50"
+    poison_site = str(Path(__file__).parent / "poison_site")
+    worker_env["PYTHONPATH"] = os.pathsep.join(
+        part for part in (poison_site, env.get("PYTHONPATH", "")) if part
+    )
+    worker = start_worker(worker_env, "embed", "embed-poison", pool="prefork")
+    try:
+        ingest = searchsvc(env, "ingest", str(small.root), "--json")
+        out, err = ingest.communicate(timeout=240)
+        assert ingest.returncode == 0, out + err
+        summary = json.loads(out)
+        problems = {p["item"]: p["reason"] for p in summary["problems"]}
+        assert "given up after 3" in problems["p001/poison.png"], problems
+        assert summary["images_embedded"] == 8 and summary["images_failed"] == 1
+        assert rows(home)["p001/poison.png"][0] == "failed"
+        assert len(indexed(home)) == 8
+    finally:
+        stop(worker)
+        redis_server.stop()
+    log = (home.parent / "worker-embed-poison.log").read_text()
+    assert "WorkerLostError" in log or "signal 9" in log  # the worker really died

@@ -92,6 +92,9 @@ class Settings:
     """An embed task without a result after this long is sent again (embedding is
     idempotent; the first copy to finish answers): a Redis broker can lose the task of a
     worker that died (:func:`searchsvc.jobs.dispatch.result_with_resends`)."""
+    embed_max_deliveries: int = 3
+    """An image whose embedding was under way when its worker died (killed for memory, a
+    segfault) this many times is recorded as failed instead of being sent again forever."""
     task_visibility_timeout_s: float = 3600.0
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""
@@ -222,6 +225,7 @@ def _validate(settings: Settings) -> None:
         "top_k",
         "rerank_max_batch_pairs",
         "ingest_tasks_in_flight",
+        "embed_max_deliveries",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")

@@ -410,6 +410,7 @@ class IngestCoordinator:
             new_rows: list[dict[str, Any]] = []
             updates: list[dict[str, Any]] = []
             fresh: list[tuple[int, str, CatalogImage]] = []  # (image id, hash, file)
+            changed: list[int] = []  # rows with new bytes: a fresh count of deliveries
             for image, digest, size in hashed:
                 row = rows.get((image.product_id, image.filename))
                 if row is None:
@@ -428,6 +429,7 @@ class IngestCoordinator:
                     continue
                 status, error = row.status, row.error
                 if row.content_hash != digest:
+                    changed.append(row.id)
                     summary.images_changed += 1
                     old_points[row.id] = row.point_id
                     status, error = ImageStatus.PENDING, None
@@ -482,6 +484,10 @@ class IngestCoordinator:
                         }
                     ),
                     updates,
+                )
+            if changed:
+                connection.execute(
+                    update(Image).where(Image.id.in_(changed)).values(embed_deliveries=0)
                 )
             if new_rows:
                 inserted = connection.execute(
