@@ -116,7 +116,14 @@ def ingest(
         if not no_progress and not as_json:
             from tqdm import tqdm
 
-            bar = tqdm(total=count_image_files(catalog), unit="img", desc="ingest", file=sys.stderr)
+            bar = tqdm(
+                total=count_image_files(
+                    catalog, follow_outside=settings.follow_symlinks_outside_catalog
+                ),
+                unit="img",
+                desc="ingest",
+                file=sys.stderr,
+            )
 
             def progress(done: int, failed: int) -> None:
                 assert bar is not None

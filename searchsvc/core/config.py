@@ -98,6 +98,9 @@ class Settings:
     task_visibility_timeout_s: float = 3600.0
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""
+    follow_symlinks_outside_catalog: bool = False
+    """Read a catalog's symbolic links whose target lies outside the catalog folder. Off:
+    such links are named in the ingest summary and never read."""
     sync_max_delete_fraction: float = 0.25
     """``ingest --sync`` refuses to remove more than this share of a catalog's live images
     (an empty or half-mounted share looks like a catalog whose images were all deleted);

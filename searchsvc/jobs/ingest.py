@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
 from searchsvc.core.config import Settings
@@ -219,16 +219,38 @@ class IngestCoordinator:
     # ------------------------------------------------------------------ metadata
     def _ingest_metadata(self, root: Path, summary: IngestSummary) -> None:
         batch: list[ProductRecord] = []
-        for record in iter_metadata(root):
+        follow = self.settings.follow_symlinks_outside_catalog
+        for record in iter_metadata(root, follow_outside=follow):
             if isinstance(record, CatalogProblem):
                 summary.add_problem(record)
                 continue
             batch.append(record)
             if len(batch) >= SCAN_BATCH:
-                self._upsert_products(batch, summary)
+                self._store_products(batch, summary)
                 batch = []
         if batch:
-            self._upsert_products(batch, summary)
+            self._store_products(batch, summary)
+
+    def _store_products(self, records: Sequence[ProductRecord], summary: IngestSummary) -> None:
+        """Upsert a batch; should the database refuse it (a value the reader's checks let
+        through), store its rows one by one, naming each it refuses, and go on."""
+        delta = IngestSummary(run_id=summary.run_id)
+        try:
+            self._upsert_products(records, delta)
+        except StatementError as exc:
+            if isinstance(exc, OperationalError | InterfaceError):
+                raise  # the database itself is unavailable: not one row's fault
+            if len(records) > 1:
+                for record in records:
+                    self._store_products([record], summary)
+                return
+            record = records[0]
+            reason = " ".join(str(exc.orig or exc).split())[:200]
+            summary.add_problem(
+                CatalogProblem(record.where or record.product_id, f"database refused it ({reason})")
+            )
+            return
+        summary.merge(delta)
 
     def _upsert_products(self, records: Sequence[ProductRecord], summary: IngestSummary) -> None:
         latest = {record.product_id: record for record in records}  # a later row wins
@@ -294,7 +316,8 @@ class IngestCoordinator:
             on_resend=resent,
             unfinished="unfinished images stay pending: run the ingest again to finish them",
         )
-        for batch in _batched(iter_images(root), SCAN_BATCH):
+        follow = self.settings.follow_symlinks_outside_catalog
+        for batch in _batched(iter_images(root, follow_outside=follow), SCAN_BATCH):
             images: list[CatalogImage] = []
             for entry in batch:
                 if isinstance(entry, CatalogProblem):
