@@ -131,7 +131,13 @@ def ingest(
                 bar.set_postfix(failed=failed, refresh=False)
 
         try:
-            summary = app.ingest(catalog, sync=sync, progress=progress, max_delete=limit)
+            summary = app.ingest(
+                catalog,
+                sync=sync,
+                progress=progress,
+                max_delete=limit,
+                notice=lambda message: click.echo(f"warning: {message}", err=True),
+            )
         finally:
             if bar is not None:
                 bar.close()

@@ -347,6 +347,7 @@ def test_a_poisoned_image_that_kills_real_workers_is_given_up(
         ingest = searchsvc(env, "ingest", str(small.root), "--json")
         out, err = ingest.communicate(timeout=240)
         assert ingest.returncode == 0, out + err
+        assert "no worker is consuming" not in err  # the worker answered the inspection
         summary = json.loads(out)
         problems = {p["item"]: p["reason"] for p in summary["problems"]}
         assert "given up after 3" in problems["p001/poison.png"], problems
@@ -358,3 +359,46 @@ def test_a_poisoned_image_that_kills_real_workers_is_given_up(
         redis_server.stop()
     log = (home.parent / "worker-embed-poison.log").read_text()
     assert "WorkerLostError" in log or "signal 9" in log  # the worker really died
+
+
+# ------------------------------------------------------------ a broker and no worker
+
+
+@pytest.mark.slow
+def test_an_ingest_with_no_worker_on_the_embed_queue_says_so(
+    tmp_path: Path, small: GeneratedCatalog
+) -> None:
+    from workers_harness import RedisServer, cli_env, searchsvc
+
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    try:
+        home = tmp_path / "home"
+        base = {"SEARCHSVC_BROKER_URL": redis_server.url}
+
+        stopping = searchsvc(
+            cli_env(home, {**base, "SEARCHSVC_INGEST_WITHOUT_WORKER": "stop"}),
+            "ingest",
+            str(small.root),
+            "--no-progress",
+        )
+        _, err = stopping.communicate(timeout=120)  # the bound; it stops in seconds
+        assert stopping.returncode == 1, err
+        assert "no worker is consuming the 'embed' queue" in err and "stopped" in err
+        assert "Traceback" not in err
+        assert rows(home) == {}  # nothing registered, nothing sent
+
+        waiting = searchsvc(
+            cli_env(home, {**base, "SEARCHSVC_EMBED_TASK_TIMEOUT_S": "10"}),
+            "ingest",
+            str(small.root),
+            "--no-progress",
+        )
+        _, err = waiting.communicate(timeout=180)
+        warned = err.find("warning: no worker is consuming the 'embed' queue")
+        timed_out = err.find("no embed worker finished a task within 10 s")
+        assert 0 <= warned < timed_out, err  # said at once, then waited as configured
+        assert waiting.returncode == 1
+        assert set(status for status, _ in rows(home).values()) == {"pending"}
+    finally:
+        redis_server.stop()

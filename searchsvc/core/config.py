@@ -28,7 +28,9 @@ ENV_PREFIX = "SEARCHSVC_"
 Device = Literal["auto", "cpu", "cuda"]
 IndexWriter = Literal["auto", "coordinator", "worker"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+WithoutWorker = Literal["wait", "stop"]
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "WithoutWorker": get_args(WithoutWorker),
     "Device": get_args(Device),
     "IndexWriter": get_args(IndexWriter),
     "Precision": get_args(Precision),
@@ -92,6 +94,9 @@ class Settings:
     """An embed task without a result after this long is sent again (embedding is
     idempotent; the first copy to finish answers): a Redis broker can lose the task of a
     worker that died (:func:`searchsvc.jobs.dispatch.result_with_resends`)."""
+    ingest_without_worker: WithoutWorker = "wait"
+    """With a broker, when no worker consumes the embed queue as an ingest starts: say so at
+    once and ``wait`` for one (up to ``embed_task_timeout_s`` per task), or ``stop``."""
     embed_max_deliveries: int = 3
     """An image whose embedding was under way when its worker died (killed for memory, a
     segfault) this many times is recorded as failed instead of being sent again forever."""
