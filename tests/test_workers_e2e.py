@@ -52,7 +52,8 @@ def points(home: Path) -> set[str]:
 def ingest(catalog: Path) -> dict[str, object]:
     result = CliRunner().invoke(main, ["ingest", str(catalog), "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)
+    # From its first brace: stderr is mixed in (a worker that is still starting is warned of).
+    return json.loads(result.output[result.output.index("{") :])
 
 
 def query_ids(image: Path) -> list[tuple[str, float]]:

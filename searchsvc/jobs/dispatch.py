@@ -40,6 +40,7 @@ class Dispatcher(Protocol):
 
 
 MAX_RESENDS = 3
+CONSUMER_GRACE_S = 5.0
 RESEND_POLL_S = 0.1
 
 
@@ -102,11 +103,18 @@ def check_consumers(
     stop: bool,
     notice: Callable[[str], None],
     waits_s: float,
+    grace_s: float = CONSUMER_GRACE_S,
 ) -> None:
-    """Say at once when no worker consumes ``queue``: a task sent there would wait, with
-    no word, until its timeout. ``stop``: raise :class:`NoWorkerError`; else tell
-    ``notice`` and go on (the tasks wait in the queue for a worker to start)."""
-    if dispatcher.queue_consumers(queue):
+    """Say within seconds when no worker consumes ``queue``: a task sent there would wait,
+    with no word, until its timeout. Workers are asked again for ``grace_s`` (a pool
+    started together with the command is still booting). ``stop``: raise
+    :class:`NoWorkerError`; else tell ``notice`` and go on (tasks wait in the queue)."""
+    deadline = time.monotonic() + grace_s
+    while not dispatcher.queue_consumers(queue, timeout=1.0):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    else:
         return
     message = (
         f"no worker is consuming the '{queue}' queue (start one: celery -A workers.celery_app "
