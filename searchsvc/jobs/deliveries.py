@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, select, update
 
 from searchsvc.jobs.wire import EmbedItem
 from searchsvc.storage.db import Database, Image, ImageStatus
@@ -47,8 +47,9 @@ class DeliveryLedger:
     def finished(self, items: Sequence[EmbedItem]) -> None:
         self._set(items, 0)
 
-    def give_up(self, item: EmbedItem, deliveries: int) -> str:
-        """Record ``item`` as failed; returns the reason."""
+    def give_up(self, item: EmbedItem, deliveries: int, embedder_version: int) -> str:
+        """Record ``item`` as failed; returns the reason. A row indexed by another version
+        (a promotion re-embedding it) keeps serving: the re-embedding gets the error."""
         reason = (
             f"given up after {deliveries} embed deliveries that never finished: the worker "
             "died while embedding it (out of memory or a crash in the decoder?)"
@@ -56,7 +57,14 @@ class DeliveryLedger:
         with self.db.session() as session:
             session.execute(
                 update(Image)
-                .where(Image.id == item.image_id, Image.content_hash == item.content_hash)
+                .where(
+                    Image.id == item.image_id,
+                    Image.content_hash == item.content_hash,
+                    or_(
+                        Image.status != ImageStatus.INDEXED,
+                        Image.embedder_version_id == embedder_version,
+                    ),
+                )
                 .values(status=ImageStatus.FAILED, error=reason, updated_at=utcnow())
             )
         return reason

@@ -85,7 +85,7 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
         for item in request.items:
             deliveries = unfinished.get(item.image_id, 0)
             if deliveries >= ledger.max_deliveries:
-                reason = ledger.give_up(item, deliveries)
+                reason = ledger.give_up(item, deliveries, request.embedder_version)
                 results[item.image_id] = EmbedResult(item.image_id, error=reason)
                 continue
             ledger.started([item])
