@@ -9,11 +9,12 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from searchsvc.core.errors import ImageError
+from searchsvc.core.errors import CatalogError, ImageError
 from searchsvc.core.images import read_image_bytes
 from searchsvc.storage.catalog import (
     CatalogImage,
@@ -262,3 +263,40 @@ def test_symbolic_links_outside_looping_dangling_and_inside(tmp_path: Path) -> N
     images, _ = listing(root, follow_outside=True)  # the setting allows it
     assert {"p1/secret.png", "p2/secret.png"} <= images
     assert [r.product_id for r in iter_metadata(root, follow_outside=True)] == ["p1"]  # type: ignore[union-attr]
+
+
+def test_a_root_listing_that_fails_half_way_stops_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a shorter catalog: ``--sync`` would take the rest for deleted."""
+    root = tmp_path / "catalog"
+    image(root / "p1" / "a.png")
+    image(root / "p2" / "a.png")
+    real_scandir = os.scandir
+
+    class FailsAfterOne:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.given = inner, 0
+
+        def __enter__(self) -> FailsAfterOne:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            self.inner.close()
+
+        def __iter__(self) -> FailsAfterOne:
+            return self
+
+        def __next__(self) -> Any:
+            if self.given:
+                raise OSError(5, "Input/output error")
+            self.given += 1
+            return next(self.inner)
+
+    def scandir(path: Any = ".") -> Any:
+        listing = real_scandir(path)
+        return FailsAfterOne(listing) if Path(path) == root else listing
+
+    monkeypatch.setattr("searchsvc.storage.catalog.os.scandir", scandir)
+    with pytest.raises(CatalogError, match="cannot list catalog .Input/output error"):
+        list(iter_images(root))

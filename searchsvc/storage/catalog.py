@@ -349,7 +349,7 @@ def iter_images(
     except OSError as exc:
         raise CatalogError(f"{root}: cannot list catalog ({exc.strerror or exc})") from None
     with top:
-        for entry in top:
+        for entry in _listed(top, root):
             name = entry.name
             if name.startswith("."):
                 continue
@@ -368,6 +368,19 @@ def iter_images(
                 yield CatalogProblem(printable(name), problem)
                 continue
             yield from _iter_product_folder(name, Path(entry.path), real_root, follow_outside)
+
+
+def _listed(listing: Iterator[os.DirEntry[str]], root: Path) -> Iterator[os.DirEntry[str]]:
+    """The catalog root's entries; a listing that fails half-way (an I/O error, a share
+    that went away) stops the ingest with its reason, before ``--sync`` could act on it."""
+    while True:
+        try:
+            entry = next(listing)
+        except StopIteration:
+            return
+        except OSError as exc:
+            raise CatalogError(f"{root}: cannot list catalog ({exc.strerror or exc})") from None
+        yield entry
 
 
 def _iter_product_folder(
