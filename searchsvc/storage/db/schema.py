@@ -23,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -143,7 +144,18 @@ class ModelVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(_TZ, default=utcnow, server_default=func.now())
     promoted_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
 
-    __table_args__ = (Index("ix_model_versions_kind_active", "kind", "active"),)
+    __table_args__ = (
+        Index("ix_model_versions_kind_active", "kind", "active"),
+        # At most one active version per kind, enforced by the database: two processes that
+        # both find no embedder on first use cannot both create an active one.
+        Index(
+            "uq_model_versions_kind_active_only",
+            "kind",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
 
 
 class Image(Base):
