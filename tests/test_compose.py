@@ -39,7 +39,7 @@ def test_services_and_their_commands(compose: dict[str, Any]) -> None:
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
     embed = services["embed-worker"]["command"]
-    assert embed[:4] == ["celery", "-A", "workers.celery_app", "worker"]
+    assert embed[:4] == ["celery", "-A", "workers", "worker"]
     assert embed[embed.index("-Q") + 1] == "embed"
     rerank = services["rerank-worker"]["command"]
     assert rerank[rerank.index("-Q") + 1] == "rerank"
@@ -77,3 +77,21 @@ def test_services_share_home_and_media(compose: dict[str, Any]) -> None:
     for service in APP_SERVICES:
         volumes = compose["services"][service]["volumes"]
         assert "searchsvc-data:/data" in volumes, service
+
+
+def _has_credential(service: dict[str, Any]) -> bool:
+    environment = service.get("environment") or {}
+    command = " ".join(map(str, service.get("command") or []))
+    return bool(
+        resolved(environment.get("QDRANT__SERVICE__API_KEY", ""))
+        or "--requirepass" in command
+        or resolved(environment.get("POSTGRES_PASSWORD", "")) not in ("", "searchsvc")
+    )
+
+
+def test_no_service_is_published_without_a_password_or_key(compose: dict[str, Any]) -> None:
+    """A published port is reachable from outside the host; the compose defaults hold no
+    secret (the database's password is the well-known ``searchsvc``), so nothing is."""
+    for name, service in compose["services"].items():
+        if service.get("ports"):
+            assert _has_credential(service), f"{name} is published without a password or key"
