@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from searchsvc.core.config import Settings, load_settings
+from searchsvc.core.config import Settings, load_settings, redact_secrets
 from searchsvc.core.errors import SearchsvcError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,6 +25,16 @@ def _fail(message: str, code: int = EXIT_ERROR) -> None:
     sys.exit(code)
 
 
+def _without_secrets(message: str) -> str:
+    """The last guard: no configured password or key reaches the terminal, whichever layer
+    (or library) wrote the message."""
+    try:
+        secrets = load_settings().secrets()
+    except SearchsvcError:  # the settings are what failed; their error is redacted already
+        return message
+    return redact_secrets(message, secrets)
+
+
 def handle_errors(function: F) -> F:
     """Turn known failures into one line on stderr (no traceback) and an exit code."""
 
@@ -33,7 +43,7 @@ def handle_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except SearchsvcError as exc:
-            _fail(str(exc))
+            _fail(_without_secrets(str(exc)))
         except KeyboardInterrupt:
             _fail("interrupted; run the same command again to finish the rest", EXIT_INTERRUPTED)
 

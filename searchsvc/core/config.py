@@ -16,7 +16,8 @@ import dataclasses
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -135,6 +136,12 @@ class Settings:
             return bool(self.qdrant_url)
         return self.index_writer == "worker"
 
+    def secrets(self) -> list[str]:
+        """The credentials these settings hold (URL passwords, the Qdrant API key): what no
+        message may print."""
+        urls = (self.sqlalchemy_url, self.qdrant_url, self.broker_url, self.result_backend_url)
+        return [s for s in (*map(url_password, urls), self.qdrant_api_key) if s]
+
     def describe(self) -> dict[str, str]:
         """Where data lives, for ``searchsvc status`` (secrets left out)."""
         return {
@@ -147,7 +154,7 @@ class Settings:
         }
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Hide a password in a URL (``user:secret@host`` -> ``user:***@host``)."""
     if "@" not in url or "://" not in url:
         return url
@@ -156,6 +163,28 @@ def _redact(url: str) -> str:
     if ":" in creds:
         creds = creds.split(":", 1)[0] + ":***"
     return f"{scheme}://{creds}@{host}"
+
+
+_redact = redact_url  # the name the storage layer imports
+
+
+def url_password(url: str) -> str:
+    """The password a URL carries (``redis://:secret@host`` -> ``secret``), or ``""``."""
+    if "@" not in url or "://" not in url:
+        return ""
+    creds = url.split("://", 1)[1].rsplit("@", 1)[0]
+    return urllib.parse.unquote(creds.split(":", 1)[1]) if ":" in creds else ""
+
+
+def redact_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every URL password and each of ``secrets`` replaced by ``***``: for
+    messages that quote a URL or a library's error, which may carry either."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+        quoted = urllib.parse.quote(secret, safe="")
+        if quoted != secret:
+            text = text.replace(quoted, "***")
+    return text
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "config_file"}
