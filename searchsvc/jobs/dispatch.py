@@ -32,10 +32,6 @@ class TaskHandle(Protocol):
 
 
 class Dispatcher(Protocol):
-    def _scrub(self, exc: BaseException) -> str:
-        """A library's error text, which may quote the URL it was given."""
-        return redact_secrets(str(exc), self._secrets)
-
     def submit(
         self, task_name: str, payload: Payload, *, queue: str, expires_s: float | None = None
     ) -> TaskHandle:
@@ -125,10 +121,6 @@ class InProcessDispatcher:
         self._tasks = tasks
         self._threads = threads
         self._executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-
-    def _scrub(self, exc: BaseException) -> str:
-        """A library's error text, which may quote the URL it was given."""
-        return redact_secrets(str(exc), self._secrets)
 
     def submit(
         self, task_name: str, payload: Payload, *, queue: str, expires_s: float | None = None
