@@ -9,6 +9,7 @@ takes one: every service gets its collaborators passed in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +19,17 @@ import torch
 
 from searchsvc.core.config import Settings
 from searchsvc.index import IndexMode, VectorIndex, open_index
-from searchsvc.jobs.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
-from searchsvc.jobs.ingest import IngestCoordinator, IngestSummary, ProgressCallback
+from searchsvc.jobs.dispatch import (
+    CeleryDispatcher,
+    Dispatcher,
+    InProcessDispatcher,
+    check_consumers,
+)
+from searchsvc.jobs.ingest import DeleteLimit, IngestCoordinator, IngestSummary, ProgressCallback
 from searchsvc.jobs.model_files import ensure_active_embedder
 from searchsvc.jobs.switch import SwapReport, switch_embedder
 from searchsvc.jobs.tasks import TaskContext, task_functions
+from searchsvc.jobs.wire import EMBED_QUEUE
 from searchsvc.models.cache import ModelCache
 from searchsvc.models.embedder import embedder_dim
 from searchsvc.models.runtime import select_device
@@ -31,6 +38,8 @@ from searchsvc.serving.search import QueryRecorder, RerankStage, SearchService
 from searchsvc.serving.status import catalog_status
 from searchsvc.storage.db import Database
 from searchsvc.storage.pixels import PixelStore
+
+logger = logging.getLogger(__name__)
 
 
 def model_cache(settings: Settings) -> ModelCache:
@@ -130,10 +139,24 @@ class App:
         return self._dispatcher
 
     def ingest(
-        self, root: Path, *, sync: bool = False, progress: ProgressCallback | None = None
+        self,
+        root: Path,
+        *,
+        sync: bool = False,
+        progress: ProgressCallback | None = None,
+        max_delete: DeleteLimit | None = None,
+        notice: Callable[[str], None] = logger.warning,
     ) -> IngestSummary:
         index = self.index("write")
         version = ensure_active_embedder(self.db, self.settings)
+        if isinstance(self.dispatcher, CeleryDispatcher):
+            check_consumers(
+                self.dispatcher,
+                EMBED_QUEUE,
+                stop=self.settings.ingest_without_worker == "stop",
+                notice=notice,
+                waits_s=self.settings.embed_task_timeout_s,
+            )
         coordinator = IngestCoordinator(
             self.settings,
             self.db,
@@ -144,7 +167,7 @@ class App:
             max_in_flight=self.settings.ingest_tasks_in_flight,
         )
         with _cpu_tasks_single_threaded(self.settings):
-            return coordinator.run(root, sync=sync, progress=progress)
+            return coordinator.run(root, sync=sync, progress=progress, max_delete=max_delete)
 
     def switch_embedder(
         self, version_id: int, progress: Callable[[int, int], None] | None = None

@@ -82,6 +82,13 @@ def main(ctx: click.Context, home: Path | None) -> None:
 @main.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
 @click.option("--sync", is_flag=True, help="Remove from the index what the catalog no longer has.")
+@click.option(
+    "--max-delete",
+    metavar="N|FRACTION",
+    help="With --sync: remove at most N images (an integer) or this share of the catalog "
+    "(0.5 or 50%%); default SEARCHSVC_SYNC_MAX_DELETE_FRACTION.",
+)
+@click.option("--force", is_flag=True, help="With --sync: no limit on what it removes.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per embed task.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (summary only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -91,6 +98,8 @@ def ingest(
     ctx: click.Context,
     catalog: Path,
     sync: bool,
+    max_delete: str | None,
+    force: bool,
     batch_size: int | None,
     no_progress: bool,
     as_json: bool,
@@ -100,8 +109,14 @@ def ingest(
     CATALOG is a folder with one sub-folder of images per product (named by product id)
     and an optional products.csv or products.jsonl. Re-running skips unchanged images.
     """
+    from searchsvc.jobs.ingest import DeleteLimit
     from searchsvc.storage.catalog import count_image_files, open_catalog
 
+    if (max_delete is not None or force) and not sync:
+        raise click.UsageError("--max-delete and --force only apply with --sync")
+    if max_delete is not None and force:
+        raise click.UsageError("give --max-delete or --force, not both")
+    limit = DeleteLimit() if force else _parse_max_delete(max_delete) if max_delete else None
     settings = _settings(ctx, batch_size=batch_size)
     open_catalog(catalog)
     app = _app(settings)
@@ -111,7 +126,14 @@ def ingest(
         if not no_progress and not as_json:
             from tqdm import tqdm
 
-            bar = tqdm(total=count_image_files(catalog), unit="img", desc="ingest", file=sys.stderr)
+            bar = tqdm(
+                total=count_image_files(
+                    catalog, follow_outside=settings.follow_symlinks_outside_catalog
+                ),
+                unit="img",
+                desc="ingest",
+                file=sys.stderr,
+            )
 
             def progress(done: int, failed: int) -> None:
                 assert bar is not None
@@ -119,7 +141,13 @@ def ingest(
                 bar.set_postfix(failed=failed, refresh=False)
 
         try:
-            summary = app.ingest(catalog, sync=sync, progress=progress)
+            summary = app.ingest(
+                catalog,
+                sync=sync,
+                progress=progress,
+                max_delete=limit,
+                notice=lambda message: click.echo(f"warning: {message}", err=True),
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -153,6 +181,28 @@ def ingest(
             click.echo(f"    {problem.item}: {problem.reason}")
         if summary.problem_count > PROBLEMS_SHOWN:
             click.echo(f"    ... and {summary.problem_count - PROBLEMS_SHOWN} more")
+
+
+def _parse_max_delete(text: str) -> Any:
+    """``--max-delete``: ``N`` images, or a share (``0.3``, ``30%``)."""
+    from searchsvc.jobs.ingest import DeleteLimit
+
+    raw = text.strip()
+    try:
+        if raw.endswith("%"):
+            fraction = float(raw[:-1]) / 100
+        elif raw.isdigit():
+            return DeleteLimit(count=int(raw))
+        else:
+            fraction = float(raw)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:  # also NaN
+        raise click.BadParameter(
+            f"{text!r}: expected a number of images (25) or a share (0.3, 30%)",
+            param_hint="--max-delete",
+        )
+    return DeleteLimit(fraction=fraction)
 
 
 def _parse_filters(values: tuple[str, ...]) -> dict[str, str]:

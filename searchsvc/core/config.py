@@ -29,7 +29,9 @@ ENV_PREFIX = "SEARCHSVC_"
 Device = Literal["auto", "cpu", "cuda"]
 IndexWriter = Literal["auto", "coordinator", "worker"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+WithoutWorker = Literal["wait", "stop"]
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "WithoutWorker": get_args(WithoutWorker),
     "Device": get_args(Device),
     "IndexWriter": get_args(IndexWriter),
     "Precision": get_args(Precision),
@@ -93,9 +95,22 @@ class Settings:
     """An embed task without a result after this long is sent again (embedding is
     idempotent; the first copy to finish answers): a Redis broker can lose the task of a
     worker that died (:func:`searchsvc.jobs.dispatch.result_with_resends`)."""
+    ingest_without_worker: WithoutWorker = "wait"
+    """With a broker, when no worker consumes the embed queue as an ingest starts: say so at
+    once and ``wait`` for one (up to ``embed_task_timeout_s`` per task), or ``stop``."""
+    embed_max_deliveries: int = 3
+    """An image whose embedding was under way when its worker died (killed for memory, a
+    segfault) this many times is recorded as failed instead of being sent again forever."""
     task_visibility_timeout_s: float = 3600.0
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""
+    follow_symlinks_outside_catalog: bool = False
+    """Read a catalog's symbolic links whose target lies outside the catalog folder. Off:
+    such links are named in the ingest summary and never read."""
+    sync_max_delete_fraction: float = 0.25
+    """``ingest --sync`` refuses to remove more than this share of a catalog's live images
+    (an empty or half-mounted share looks like a catalog whose images were all deleted);
+    ``--max-delete`` or ``--force`` overrides it for one run."""
     seed: int = 0
     split_seed: int = 0
     """Seed of the train/validation split by product (retrain and ``searchsvc eval``)."""
@@ -247,6 +262,7 @@ def _validate(settings: Settings) -> None:
         "top_k",
         "rerank_max_batch_pairs",
         "ingest_tasks_in_flight",
+        "embed_max_deliveries",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")
@@ -258,6 +274,8 @@ def _validate(settings: Settings) -> None:
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")
+    if not 0.0 <= settings.sync_max_delete_fraction <= 1.0:
+        fail("sync_max_delete_fraction", "must be between 0 and 1")
     if not 0.0 < settings.val_fraction < 1.0:
         fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):

@@ -187,6 +187,9 @@ class Image(Base):
         ForeignKey("model_versions.id", ondelete="SET NULL")
     )
     last_seen_run_id: Mapped[int | None] = mapped_column(Integer)
+    embed_deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Embed deliveries of these bytes that started and never finished (the worker died:
+    out of memory, a crash in a decoder); past ``embed_max_deliveries`` the image fails."""
     created_at: Mapped[dt.datetime] = mapped_column(_TZ, default=utcnow, server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(_TZ, default=utcnow, onupdate=utcnow)
 
