@@ -289,6 +289,25 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"{name}: {where}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Server processes (more than 1 needs a Qdrant server: cluster settings).",
+)
+@click.pass_context
+@handle_errors
+def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
+    """Run the HTTP search API and its page (http://HOST:PORT/; API docs at /docs)."""
+    from searchsvc.app import serve as run_server
+
+    run_server(_settings(ctx), host=host, port=port, workers=workers)
+
+
 @main.command("eval")
 @click.option(
     "--queries",
