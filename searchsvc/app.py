@@ -252,6 +252,8 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
             announce(settings.home, url)
         try:
             server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn has shut down cleanly and re-raises the signal it caught
         finally:
             if embedded:
                 withdraw(settings.home)

@@ -9,7 +9,8 @@ once and ``/readyz`` says (503) what is still missing; searches wait for nothing
 refused with 503 until the service is ready.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": FastAPI reads the endpoints' annotations at
+# definition time, and they name dependencies local to create_api.
 
 import base64
 import binascii
@@ -20,7 +21,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,51 @@ class BodyLimit:
                     raise BodyTooLarge(f"request body is over the limit of {self.limit} bytes")
             return message
 
-        await self.app(scope, counted, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except BodyTooLarge as exc:
+            # Raised inside the app's body read (wherever a middleware reads it from).
+            if started:
+                raise
+            await _error(413, "body", str(exc))(scope, receive, send)
+
+
+class Observe:
+    """Request counts, latency by route and requests in flight (a plain ASGI middleware:
+    exceptions pass through it unwrapped)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            self.metrics.in_flight.dec()
+            label = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
 
 
 @dataclass
@@ -326,24 +371,6 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         return _error(exc.status_code, None, str(exc.detail))
 
     # ------------------------------------------------------------------ middleware
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        metrics.in_flight.inc()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.in_flight.dec()
-            route = request.scope.get("route")
-            label = getattr(route, "path", "unmatched")
-            metrics.requests.labels(label, str(status)).inc()
-            metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
-
     if settings.api_cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -351,6 +378,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["X-API-Key", "Authorization", "Content-Type"],
         )
+    app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.api_max_request_bytes)
 
     # ------------------------------------------------------------------ helpers
