@@ -47,6 +47,17 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     return load_settings(overrides={k: v for k, v in overrides.items() if v is not None})
 
 
+def _local_server(settings: Settings) -> Any:
+    """The running `searchsvc serve` that owns this home's embedded store, if any: then the
+    command goes through its API (the store opens in one process only)."""
+    from searchsvc.serving.http.local import find_local_server
+
+    server = find_local_server(settings)
+    if server is not None:
+        click.echo(f"(through the server at {server.url})", err=True)
+    return server
+
+
 def _app(settings: Settings) -> Any:
     from searchsvc.app import App  # imports torch: only for commands that need it
 
@@ -90,32 +101,22 @@ def ingest(
     CATALOG is a folder with one sub-folder of images per product (named by product id)
     and an optional products.csv or products.jsonl. Re-running skips unchanged images.
     """
-    from searchsvc.storage.catalog import count_image_files, open_catalog
+    from searchsvc.storage.catalog import open_catalog
 
     settings = _settings(ctx, batch_size=batch_size)
     open_catalog(catalog)
-    app = _app(settings)
-    try:
-        progress = None
-        bar = None
-        if not no_progress and not as_json:
-            from tqdm import tqdm
+    server = _local_server(settings)
+    if server is not None:
+        from searchsvc.jobs.ingest import IngestSummary
+        from searchsvc.storage.catalog import CatalogProblem
 
-            bar = tqdm(total=count_image_files(catalog), unit="img", desc="ingest", file=sys.stderr)
-
-            def progress(done: int, failed: int) -> None:
-                assert bar is not None
-                bar.update(done - bar.n)
-                bar.set_postfix(failed=failed, refresh=False)
-
-        try:
-            summary = app.ingest(catalog, sync=sync, progress=progress)
-        finally:
-            if bar is not None:
-                bar.close()
-    finally:
-        app.close()
-
+        answer = server.call(
+            "POST", "/v1/ingest", {"catalog": str(catalog.resolve()), "sync": sync}, timeout=None
+        )
+        problems = [CatalogProblem(p["item"], p["reason"]) for p in answer.pop("problems")]
+        summary = IngestSummary(**answer, problems=problems)
+    else:
+        summary = _ingest_here(settings, catalog, sync=sync, no_progress=no_progress or as_json)
     if as_json:
         click.echo(
             json.dumps(
@@ -143,6 +144,33 @@ def ingest(
             click.echo(f"    {problem.item}: {problem.reason}")
         if summary.problem_count > PROBLEMS_SHOWN:
             click.echo(f"    ... and {summary.problem_count - PROBLEMS_SHOWN} more")
+
+
+def _ingest_here(settings: Settings, catalog: Path, *, sync: bool, no_progress: bool) -> Any:
+    """The ingest in this process (no server owns the store), with a progress bar."""
+    from searchsvc.storage.catalog import count_image_files
+
+    app = _app(settings)
+    try:
+        progress = None
+        bar = None
+        if not no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=count_image_files(catalog), unit="img", desc="ingest", file=sys.stderr)
+
+            def progress(done: int, failed: int) -> None:
+                assert bar is not None
+                bar.update(done - bar.n)
+                bar.set_postfix(failed=failed, refresh=False)
+
+        try:
+            return app.ingest(catalog, sync=sync, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        app.close()
 
 
 def _parse_filters(values: tuple[str, ...]) -> dict[str, str]:
@@ -191,18 +219,44 @@ def query(
     settings = _settings(ctx)
     wanted = _parse_filters(filters)
     data = read_image_bytes(image, settings.max_image_bytes)
-    app = _app(settings)
-    try:
-        response = app.search_service().query(
-            data,
-            str(image),
-            top_k=top_k,
-            filters=wanted,
-            rerank=False if no_rerank else None,
-            rerank_top_n=rerank_top_n,
+    server = _local_server(settings)
+    if server is not None:
+        import base64
+        import urllib.parse
+
+        from searchsvc.serving.search import QueryResponse
+
+        params = {
+            k: v
+            for k, v in {
+                **wanted,
+                "top_k": top_k,
+                "rerank": "false" if no_rerank else None,
+                "rerank_top_n": rerank_top_n,
+            }.items()
+            if v is not None
+        }
+        response = QueryResponse.from_json(
+            server.call(
+                "POST",
+                "/v1/search?" + urllib.parse.urlencode(params),
+                {"image_b64": base64.b64encode(data).decode()},
+                timeout=settings.api_request_timeout_s + 10,
+            )
         )
-    finally:
-        app.close()
+    else:
+        app = _app(settings)
+        try:
+            response = app.search_service().query(
+                data,
+                str(image),
+                top_k=top_k,
+                filters=wanted,
+                rerank=False if no_rerank else None,
+                rerank_top_n=rerank_top_n,
+            )
+        finally:
+            app.close()
     if as_json:
         click.echo(json.dumps(response.to_json(), indent=2))
         return
@@ -251,11 +305,16 @@ def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool)
     from searchsvc.storage.db import Database
 
     settings = _settings(ctx)
-    db = Database(settings.sqlalchemy_url)
-    try:
-        feedback_id = record_feedback(db, query_id, product_id, positive=not negative)
-    finally:
-        db.dispose()
+    server = _local_server(settings)
+    if server is not None:
+        body = {"query_id": query_id, "product_id": product_id, "positive": not negative}
+        feedback_id = server.call("POST", "/v1/feedback", body, timeout=30)["feedback_id"]
+    else:
+        db = Database(settings.sqlalchemy_url)
+        try:
+            feedback_id = record_feedback(db, query_id, product_id, positive=not negative)
+        finally:
+            db.dispose()
     kind = "negative" if negative else "positive"
     click.echo(f"feedback {feedback_id}: {kind} for product {product_id} on query {query_id}")
 
@@ -267,11 +326,15 @@ def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool)
 def status(ctx: click.Context, as_json: bool) -> None:
     """Products, images by status, indexed points, active models, where data lives."""
     settings = _settings(ctx)
-    app = _app(settings)
-    try:
-        report = app.status()
-    finally:
-        app.close()
+    server = _local_server(settings)
+    if server is not None:
+        report = server.call("GET", "/v1/status", timeout=30)
+    else:
+        app = _app(settings)
+        try:
+            report = app.status()
+        finally:
+            app.close()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
