@@ -207,6 +207,12 @@ class App:
     def status(self) -> dict[str, Any]:
         return catalog_status(self.settings, self.db, self.index("read"))
 
+    def check_broker(self) -> None:
+        """Raise BrokerError unless the configured broker answers (cluster mode)."""
+        dispatcher = self.dispatcher  # a Celery dispatcher checks the broker when built
+        if isinstance(dispatcher, CeleryDispatcher):
+            dispatcher.check_broker()
+
     def close(self) -> None:
         self.models.close()
         for dispatcher in (self._dispatcher, self._local_dispatcher):
@@ -216,3 +222,63 @@ class App:
             self._index.close()
         self.pixels.close()
         self.db.dispose()
+
+
+def asgi_app() -> Any:
+    """The HTTP API built from the environment's settings: the factory each
+    ``searchsvc serve --workers N`` replica process runs (cluster settings)."""
+    from searchsvc.core.config import load_settings
+    from searchsvc.serving.http.api import create_api
+
+    return create_api(App(load_settings()))
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
+    """Run the HTTP API until interrupted. Embedded defaults: one process owns the store
+    and announces its address in the home, for the CLI's other commands to reach it."""
+    import socket
+
+    import uvicorn
+
+    from searchsvc.core.errors import ConfigError
+    from searchsvc.serving.http.api import create_api
+    from searchsvc.serving.http.local import announce, withdraw
+
+    embedded = not settings.qdrant_url
+    if workers > 1:
+        if embedded:
+            raise ConfigError(
+                "--workers > 1 needs a Qdrant server (SEARCHSVC_QDRANT_URL): an embedded "
+                "store has one owner process"
+            )
+        uvicorn.run("searchsvc.app:asgi_app", factory=True, host=host, port=port, workers=workers)
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    bound = sock.getsockname()[1]
+    loopback = host in {"127.0.0.1", "localhost", "::1"}
+    app = App(settings)
+    try:
+        api = create_api(app, local_ingest=embedded and loopback)
+        server = uvicorn.Server(uvicorn.Config(api, log_level="info", timeout_keep_alive=30))
+        url_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+        url = (
+            f"http://{url_host}:{bound}" if ":" not in url_host else f"http://[{url_host}]:{bound}"
+        )
+        print(f"searchsvc serving on {url} (page at {url}/)", flush=True)
+        if embedded:
+            announce(settings.home, url)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn has shut down cleanly and re-raises the signal it caught
+        finally:
+            if embedded:
+                withdraw(settings.home)
+    finally:
+        app.close()

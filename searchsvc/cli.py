@@ -57,6 +57,17 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     return load_settings(overrides={k: v for k, v in overrides.items() if v is not None})
 
 
+def _local_server(settings: Settings) -> Any:
+    """The running `searchsvc serve` that owns this home's embedded store, if any: then the
+    command goes through its API (the store opens in one process only)."""
+    from searchsvc.serving.http.local import find_local_server
+
+    server = find_local_server(settings)
+    if server is not None:
+        click.echo(f"(through the server at {server.url})", err=True)
+    return server
+
+
 def _app(settings: Settings) -> Any:
     from searchsvc.app import App  # imports torch: only for commands that need it
 
@@ -109,51 +120,37 @@ def ingest(
     CATALOG is a folder with one sub-folder of images per product (named by product id)
     and an optional products.csv or products.jsonl. Re-running skips unchanged images.
     """
-    from searchsvc.jobs.ingest import DeleteLimit
-    from searchsvc.storage.catalog import count_image_files, open_catalog
+    from searchsvc.storage.catalog import open_catalog
 
     if (max_delete is not None or force) and not sync:
         raise click.UsageError("--max-delete and --force only apply with --sync")
     if max_delete is not None and force:
         raise click.UsageError("give --max-delete or --force, not both")
-    limit = DeleteLimit() if force else _parse_max_delete(max_delete) if max_delete else None
+    limit = _delete_limit(max_delete, force)
     settings = _settings(ctx, batch_size=batch_size)
     open_catalog(catalog)
-    app = _app(settings)
-    try:
-        progress = None
-        bar = None
-        if not no_progress and not as_json:
-            from tqdm import tqdm
+    server = _local_server(settings)
+    if server is not None:
+        from searchsvc.jobs.ingest import IngestSummary
+        from searchsvc.storage.catalog import CatalogProblem
 
-            bar = tqdm(
-                total=count_image_files(
-                    catalog, follow_outside=settings.follow_symlinks_outside_catalog
-                ),
-                unit="img",
-                desc="ingest",
-                file=sys.stderr,
-            )
-
-            def progress(done: int, failed: int) -> None:
-                assert bar is not None
-                bar.update(done - bar.n)
-                bar.set_postfix(failed=failed, refresh=False)
-
-        try:
-            summary = app.ingest(
-                catalog,
-                sync=sync,
-                progress=progress,
-                max_delete=limit,
-                notice=lambda message: click.echo(f"warning: {message}", err=True),
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-    finally:
-        app.close()
-
+        answer = server.call(
+            "POST",
+            "/v1/ingest",
+            {
+                "catalog": str(catalog.resolve()),
+                "sync": sync,
+                "max_delete": max_delete,
+                "force": force,
+            },
+            timeout=None,
+        )
+        problems = [CatalogProblem(p["item"], p["reason"]) for p in answer.pop("problems")]
+        summary = IngestSummary(**answer, problems=problems)
+    else:
+        summary = _ingest_here(
+            settings, catalog, sync=sync, max_delete=limit, no_progress=no_progress or as_json
+        )
     if as_json:
         click.echo(
             json.dumps(
@@ -183,26 +180,60 @@ def ingest(
             click.echo(f"    ... and {summary.problem_count - PROBLEMS_SHOWN} more")
 
 
-def _parse_max_delete(text: str) -> Any:
-    """``--max-delete``: ``N`` images, or a share (``0.3``, ``30%``)."""
-    from searchsvc.jobs.ingest import DeleteLimit
+def _delete_limit(max_delete: str | None, force: bool) -> Any:
+    """``--max-delete`` / ``--force`` as a DeleteLimit (None: the setting's default)."""
+    from searchsvc.jobs.ingest import DeleteLimit, parse_delete_limit
 
-    raw = text.strip()
+    if force:
+        return DeleteLimit()
+    if max_delete is None:
+        return None
     try:
-        if raw.endswith("%"):
-            fraction = float(raw[:-1]) / 100
-        elif raw.isdigit():
-            return DeleteLimit(count=int(raw))
-        else:
-            fraction = float(raw)
-    except ValueError:
-        fraction = -1.0
-    if not 0.0 <= fraction <= 1.0:  # also NaN
-        raise click.BadParameter(
-            f"{text!r}: expected a number of images (25) or a share (0.3, 30%)",
-            param_hint="--max-delete",
-        )
-    return DeleteLimit(fraction=fraction)
+        return parse_delete_limit(max_delete)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-delete") from None
+
+
+def _ingest_here(
+    settings: Settings, catalog: Path, *, sync: bool, max_delete: Any, no_progress: bool
+) -> Any:
+    """The ingest in this process (no server owns the store), with a progress bar."""
+    from searchsvc.storage.catalog import count_image_files
+
+    app = _app(settings)
+    try:
+        progress = None
+        bar = None
+        if not no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=count_image_files(
+                    catalog, follow_outside=settings.follow_symlinks_outside_catalog
+                ),
+                unit="img",
+                desc="ingest",
+                file=sys.stderr,
+            )
+
+            def progress(done: int, failed: int) -> None:
+                assert bar is not None
+                bar.update(done - bar.n)
+                bar.set_postfix(failed=failed, refresh=False)
+
+        try:
+            return app.ingest(
+                catalog,
+                sync=sync,
+                progress=progress,
+                max_delete=max_delete,
+                notice=lambda message: click.echo(f"warning: {message}", err=True),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        app.close()
 
 
 def _parse_filters(values: tuple[str, ...]) -> dict[str, str]:
@@ -251,18 +282,44 @@ def query(
     settings = _settings(ctx)
     wanted = _parse_filters(filters)
     data = read_image_bytes(image, settings.max_image_bytes)
-    app = _app(settings)
-    try:
-        response = app.search_service().query(
-            data,
-            str(image),
-            top_k=top_k,
-            filters=wanted,
-            rerank=False if no_rerank else None,
-            rerank_top_n=rerank_top_n,
+    server = _local_server(settings)
+    if server is not None:
+        import base64
+        import urllib.parse
+
+        from searchsvc.serving.search import QueryResponse
+
+        params = {
+            k: v
+            for k, v in {
+                **wanted,
+                "top_k": top_k,
+                "rerank": "false" if no_rerank else None,
+                "rerank_top_n": rerank_top_n,
+            }.items()
+            if v is not None
+        }
+        response = QueryResponse.from_json(
+            server.call(
+                "POST",
+                "/v1/search?" + urllib.parse.urlencode(params),
+                {"image_b64": base64.b64encode(data).decode()},
+                timeout=settings.api_request_timeout_s + 10,
+            )
         )
-    finally:
-        app.close()
+    else:
+        app = _app(settings)
+        try:
+            response = app.search_service().query(
+                data,
+                str(image),
+                top_k=top_k,
+                filters=wanted,
+                rerank=False if no_rerank else None,
+                rerank_top_n=rerank_top_n,
+            )
+        finally:
+            app.close()
     if as_json:
         click.echo(json.dumps(response.to_json(), indent=2))
         return
@@ -311,11 +368,16 @@ def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool)
     from searchsvc.storage.db import Database
 
     settings = _settings(ctx)
-    db = Database(settings.sqlalchemy_url)
-    try:
-        feedback_id = record_feedback(db, query_id, product_id, positive=not negative)
-    finally:
-        db.dispose()
+    server = _local_server(settings)
+    if server is not None:
+        body = {"query_id": query_id, "product_id": product_id, "positive": not negative}
+        feedback_id = server.call("POST", "/v1/feedback", body, timeout=30)["feedback_id"]
+    else:
+        db = Database(settings.sqlalchemy_url)
+        try:
+            feedback_id = record_feedback(db, query_id, product_id, positive=not negative)
+        finally:
+            db.dispose()
     kind = "negative" if negative else "positive"
     click.echo(f"feedback {feedback_id}: {kind} for product {product_id} on query {query_id}")
 
@@ -327,11 +389,15 @@ def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool)
 def status(ctx: click.Context, as_json: bool) -> None:
     """Products, images by status, indexed points, active models, where data lives."""
     settings = _settings(ctx)
-    app = _app(settings)
-    try:
-        report = app.status()
-    finally:
-        app.close()
+    server = _local_server(settings)
+    if server is not None:
+        report = server.call("GET", "/v1/status", timeout=30)
+    else:
+        app = _app(settings)
+        try:
+            report = app.status()
+        finally:
+            app.close()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -347,6 +413,25 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for name, where in report["locations"].items():
         if where:
             click.echo(f"{name}: {where}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Server processes (more than 1 needs a Qdrant server: cluster settings).",
+)
+@click.pass_context
+@handle_errors
+def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
+    """Run the HTTP search API and its page (http://HOST:PORT/; API docs at /docs)."""
+    from searchsvc.app import serve as run_server
+
+    run_server(_settings(ctx), host=host, port=port, workers=workers)
 
 
 @main.command("eval")

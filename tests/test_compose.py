@@ -14,7 +14,7 @@ import yaml
 from searchsvc.core.config import ENV_PREFIX, Settings, load_settings
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
-APP_SERVICES = ("migrate", "embed-worker", "rerank-worker", "cli")
+APP_SERVICES = ("migrate", "embed-worker", "rerank-worker", "api", "cli")
 _DEFAULTED = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):-(?P<default>.*)\}$")
 
 
@@ -48,7 +48,13 @@ def test_services_and_their_commands(compose: dict[str, Any]) -> None:
     devices = services["rerank-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert services["rerank-worker"]["environment"]["SEARCHSVC_DEVICE"] == "cuda"
-    for worker in ("embed-worker", "rerank-worker"):
+    api = services["api"]
+    assert api["command"][:2] == ["searchsvc", "serve"]
+    assert api["command"][api["command"].index("--host") + 1] == "0.0.0.0"
+    probe = " ".join(api["healthcheck"]["test"])
+    assert "/readyz" in probe  # healthy means ready to answer, not only alive
+    assert api["depends_on"]["qdrant"]["condition"] == "service_healthy"
+    for worker in ("embed-worker", "rerank-worker", "api"):
         needs = services[worker]["depends_on"]
         assert needs["migrate"]["condition"] == "service_completed_successfully"
         assert needs["redis"]["condition"] == "service_healthy"

@@ -117,6 +117,18 @@ class Settings:
     val_fraction: float = 0.2
     """Share of the products held out for validation: model selection and the promotion
     gate; never trained on."""
+    api_keys: str = ""
+    """Keys of the HTTP API (``searchsvc serve``): comma-separated ``KEY:SCOPE`` pairs, scope
+    ``read`` (search, similar, feedback, status) or ``write`` (also product updates and
+    ingests). Empty: no key is asked, for a server on the loopback interface."""
+    api_cors_origins: str = ""
+    """Browser origins allowed to call the API, comma-separated; empty: CORS off."""
+    api_max_request_bytes: int = 20 * 1024 * 1024
+    """Largest request body the API reads (413 above it)."""
+    api_request_timeout_s: float = 30.0
+    """How long the API works on one search or product update before answering 408."""
+    api_max_batch_images: int = 16
+    """Photos one ``POST /v1/search/batch`` may carry."""
     config_file: Path | None = field(default=None, compare=False)
 
     # Derived locations: one place decides where each thing lives.
@@ -144,6 +156,15 @@ class Settings:
     def blobs_dir(self) -> Path:
         """The embedded blob store's folder (:mod:`searchsvc.storage.blobs`)."""
         return self.home / "blobs"
+
+    @property
+    def api_key_scopes(self) -> dict[str, str]:
+        """API key -> its scope (``read`` or ``write``), parsed from ``api_keys``."""
+        scopes: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            key, _, scope = entry.rpartition(":")
+            scopes[key] = scope
+        return scopes
 
     @property
     def workers_write_index(self) -> bool:
@@ -263,6 +284,8 @@ def _validate(settings: Settings) -> None:
         "rerank_max_batch_pairs",
         "ingest_tasks_in_flight",
         "embed_max_deliveries",
+        "api_max_request_bytes",
+        "api_max_batch_images",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")
@@ -270,7 +293,20 @@ def _validate(settings: Settings) -> None:
         fail("rerank_top_n", "must be greater than 1 (STIR reorders at least two candidates)")
     if settings.rerank_top_n > settings.top_k:
         fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
-    for name in ("rerank_timeout_s", "embed_task_timeout_s", "embed_task_resend_s"):
+    for entry in filter(None, (part.strip() for part in settings.api_keys.split(","))):
+        key, sep, scope = entry.rpartition(":")
+        if not sep or scope not in {"read", "write"} or len(key) < 16:
+            # The keys themselves never go into the message.
+            raise ConfigError(
+                f"{_env_name('api_keys')}: each entry must be KEY:read or KEY:write with a key "
+                "of at least 16 characters"
+            )
+    for name in (
+        "rerank_timeout_s",
+        "embed_task_timeout_s",
+        "embed_task_resend_s",
+        "api_request_timeout_s",
+    ):
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")
