@@ -65,6 +65,7 @@ from searchsvc.learning.training_data import (
     load_training_data,
     refs_of,
     require_val_queries,
+    sample_validation,
     split_data,
 )
 from searchsvc.models.embedder import (
@@ -108,6 +109,8 @@ class RetrainConfig:
     """False: train, evaluate and record candidates, but put nothing in service."""
     split_seed: int = 0
     val_fraction: float = 0.2
+    val_sample_images: int = 20_000
+    """The validation side is cut to this many images (:func:`sample_validation`)."""
     gate_metric: str = "cmc@1"
     gate_margin: float = 0.01
     """Absolute (metrics are in [0, 1]): 0.01 is one point of CMC@1."""
@@ -133,6 +136,7 @@ class RetrainConfig:
         base = cls(
             split_seed=settings.split_seed,
             val_fraction=settings.val_fraction,
+            val_sample_images=settings.val_sample_images,
             embedder=EmbedderTrainConfig(
                 seed=settings.seed, device=settings.device, precision=settings.precision
             ),
@@ -289,7 +293,10 @@ def retrain(
         data = data or load_training_data(services.db)
         if not any(i.source == "catalog" for i in data.images):
             raise SearchsvcError("no indexed catalog images: run 'searchsvc ingest CATALOG' first")
-        split = split_data(data, seed=config.split_seed, val_fraction=config.val_fraction)
+        split = sample_validation(
+            split_data(data, seed=config.split_seed, val_fraction=config.val_fraction),
+            config.val_sample_images,
+        )
         require_val_queries(split)
         serving = ensure_active_embedder(services.db, settings)
         serving_stir = active_version(services.db, ModelKind.STIR)
@@ -517,6 +524,7 @@ def _run_stage(run: _Run, stage: _Stage[Net]) -> tuple[StageOutcome, Net]:
         candidate_file,
         metrics={
             "validation": verdict.candidate.to_json(),
+            "val_sample": run.split.val_sample,
             "baseline": {"version": verdict.baseline_version, **verdict.baseline.to_json()},
             "gate": decision.to_json(),
             "promoted": False,

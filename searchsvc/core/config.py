@@ -101,6 +101,10 @@ class Settings:
     val_fraction: float = 0.2
     """Share of the products held out for validation: model selection and the promotion
     gate; never trained on."""
+    val_sample_images: int = 20_000
+    """At most this many validation images are evaluated (whole products, chosen by a hash
+    seeded by ``split_seed``, the same for every model compared): evaluation memory and
+    time stay bounded as the catalog grows."""
     config_file: Path | None = field(default=None, compare=False)
 
     # Derived locations: one place decides where each thing lives.
@@ -218,6 +222,7 @@ def _validate(settings: Settings) -> None:
         "top_k",
         "rerank_max_batch_pairs",
         "ingest_tasks_in_flight",
+        "val_sample_images",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")

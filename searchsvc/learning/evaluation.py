@@ -40,6 +40,7 @@ from searchsvc.learning.training_data import (
     load_training_data,
     refs_of,
     require_val_queries,
+    sample_validation,
     split_data,
 )
 from searchsvc.models.embedder import Embedder
@@ -467,8 +468,11 @@ def evaluate_served_on_split(
     (``SEARCHSVC_SPLIT_SEED``, ``SEARCHSVC_VAL_FRACTION``): what ``searchsvc eval`` prints
     without ``--queries``. Reads the DB and the image files; the index is not opened.
     Returns the report and the split's record."""
-    split = split_data(
-        load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
+    split = sample_validation(
+        split_data(
+            load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
+        ),
+        settings.val_sample_images,
     )
     if side == "val":
         require_val_queries(split)
