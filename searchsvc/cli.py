@@ -325,10 +325,10 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
         record = {"source": "live index", "queries": str(queries)}
     else:
         from searchsvc.storage.db import Database
-        from searchsvc.storage.pixels import PixelStore
+        from searchsvc.storage.pixels import open_pixel_store
 
         database = Database(settings.sqlalchemy_url)
-        pixel_store = PixelStore(settings.media_dir)
+        pixel_store = open_pixel_store(settings, database)
         try:
             report, split = evaluation.evaluate_served_on_split(
                 settings, database, pixel_store, side=side

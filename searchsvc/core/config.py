@@ -28,7 +28,9 @@ ENV_PREFIX = "SEARCHSVC_"
 Device = Literal["auto", "cpu", "cuda"]
 IndexWriter = Literal["auto", "coordinator", "worker"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PixelStoreKind = Literal["sqlite", "postgresql"]
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "PixelStoreKind": get_args(PixelStoreKind),
     "Device": get_args(Device),
     "IndexWriter": get_args(IndexWriter),
     "Precision": get_args(Precision),
@@ -52,6 +54,10 @@ class Settings:
     """Celery result backend; empty means the broker URL."""
     media_root: Path | None = None
     """Content-addressed preprocessed pixels for the reranker; default ``home/media``."""
+    pixel_store: PixelStoreKind = "sqlite"
+    """Where the reranker's pixels live (:mod:`searchsvc.storage.pixels`): ``sqlite``, one
+    file in the media folder, shared by one host's processes; ``postgresql``, the
+    ``pixels`` table of ``database_url``, shared by every host of a cluster."""
     collection_alias: str = "images"
     embedder_profile: str = "small"
     embedder_weights: Path | None = None
@@ -147,6 +153,7 @@ class Settings:
             "qdrant": _redact(self.qdrant_url) or f"embedded:{self.qdrant_path.resolve()}",
             "broker": _redact(self.broker_url) or "in-process",
             "media": str(self.media_dir.resolve()),
+            "pixel_store": self.pixel_store,
             "config_file": str(self.config_file) if self.config_file else "",
         }
 
@@ -240,6 +247,8 @@ def _validate(settings: Settings) -> None:
         value = getattr(settings, name)
         if value and "://" not in value:
             fail(name, "must be a URL with a scheme (for example redis://host:6379/0)")
+    if settings.pixel_store == "postgresql" and not settings.database_url.startswith("postgresql"):
+        fail("pixel_store", "postgresql needs SEARCHSVC_DATABASE_URL to name a PostgreSQL database")
     if settings.broker_url and not settings.broker_url.startswith(("redis://", "rediss://")):
         fail("broker_url", "must be a redis:// or rediss:// URL")
     if not settings.collection_alias.replace("_", "").replace("-", "").isalnum():
