@@ -289,6 +289,35 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"{name}: {where}")
 
 
+@main.command()
+@click.option("--apply", is_flag=True, help="Remove what is found (default: a dry run).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def cleanup(ctx: click.Context, apply: bool, as_json: bool) -> None:
+    """Old collections, orphaned pixels, finished retrain runs, query photos past
+    SEARCHSVC_QUERY_RETENTION_DAYS: reported, and removed with --apply."""
+    from searchsvc.jobs.cleanup import cleanup as run_cleanup
+
+    settings = _settings(ctx)
+    app = _app(settings)
+    try:
+        report = run_cleanup(
+            settings,
+            app.db,
+            app.pixels,
+            lambda: app.index("write" if apply else "read"),
+            apply=apply,
+        )
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    for line in report.lines():
+        click.echo(line)
+
+
 @main.command("eval")
 @click.option(
     "--queries",

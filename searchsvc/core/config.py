@@ -111,6 +111,9 @@ class Settings:
     """At most this many validation images are evaluated (whole products, chosen by a hash
     seeded by ``split_seed``, the same for every model compared): evaluation memory and
     time stay bounded as the catalog grows."""
+    query_retention_days: float = 0.0
+    """``searchsvc cleanup`` removes logged query photos older than this (0: kept for ever;
+    they are the learning loop's most valuable data)."""
     config_file: Path | None = field(default=None, compare=False)
 
     # Derived locations: one place decides where each thing lives.
@@ -241,6 +244,8 @@ def _validate(settings: Settings) -> None:
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")
+    if not math.isfinite(settings.query_retention_days) or settings.query_retention_days < 0:
+        fail("query_retention_days", "must be a finite number of days, 0 or more")
     if not 0.0 < settings.val_fraction < 1.0:
         fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):
