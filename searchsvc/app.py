@@ -37,7 +37,7 @@ from searchsvc.serving.rerank_stage import StirRerankStage
 from searchsvc.serving.search import QueryRecorder, RerankStage, SearchService
 from searchsvc.serving.status import catalog_status
 from searchsvc.storage.db import Database
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import PixelStore, open_pixel_store
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,12 @@ def build_task_context(
         def index_factory() -> VectorIndex:
             return open_index(settings, "write")
 
+    db = Database(settings.sqlalchemy_url)
     return TaskContext(
         settings=settings,
-        db=Database(settings.sqlalchemy_url),
+        db=db,
         models=model_cache(settings),
-        pixels=PixelStore(settings.media_dir),
+        pixels=open_pixel_store(settings, db),
         index_factory=index_factory,
     )
 
@@ -98,7 +99,7 @@ class App:
             torch.set_num_threads(settings.torch_threads)
         self.db = Database(settings.sqlalchemy_url)
         self.models = model_cache(settings)
-        self.pixels = PixelStore(settings.media_dir)
+        self.pixels: PixelStore = open_pixel_store(settings, self.db)
         self._index: VectorIndex | None = None
         self._dispatcher: Dispatcher | None = None
         self._local_dispatcher: InProcessDispatcher | None = None

@@ -434,6 +434,34 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     run_server(_settings(ctx), host=host, port=port, workers=workers)
 
 
+@click.option("--apply", is_flag=True, help="Remove what is found (default: a dry run).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def cleanup(ctx: click.Context, apply: bool, as_json: bool) -> None:
+    """Old collections, orphaned pixels, finished retrain runs, query photos past
+    SEARCHSVC_QUERY_RETENTION_DAYS: reported, and removed with --apply."""
+    from searchsvc.jobs.cleanup import cleanup as run_cleanup
+
+    settings = _settings(ctx)
+    app = _app(settings)
+    try:
+        report = run_cleanup(
+            settings,
+            app.db,
+            app.pixels,
+            lambda: app.index("write" if apply else "read"),
+            apply=apply,
+        )
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    for line in report.lines():
+        click.echo(line)
+
+
 @main.command("eval")
 @click.option(
     "--queries",
@@ -470,10 +498,10 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
         record = {"source": "live index", "queries": str(queries)}
     else:
         from searchsvc.storage.db import Database
-        from searchsvc.storage.pixels import PixelStore
+        from searchsvc.storage.pixels import open_pixel_store
 
         database = Database(settings.sqlalchemy_url)
-        pixel_store = PixelStore(settings.media_dir)
+        pixel_store = open_pixel_store(settings, database)
         try:
             report, split = evaluation.evaluate_served_on_split(
                 settings, database, pixel_store, side=side

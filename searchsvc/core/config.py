@@ -30,8 +30,10 @@ Device = Literal["auto", "cpu", "cuda"]
 IndexWriter = Literal["auto", "coordinator", "worker"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 WithoutWorker = Literal["wait", "stop"]
+PixelStoreKind = Literal["sqlite", "postgresql"]
 _CHOICES: dict[str, tuple[str, ...]] = {
     "WithoutWorker": get_args(WithoutWorker),
+    "PixelStoreKind": get_args(PixelStoreKind),
     "Device": get_args(Device),
     "IndexWriter": get_args(IndexWriter),
     "Precision": get_args(Precision),
@@ -55,6 +57,10 @@ class Settings:
     """Celery result backend; empty means the broker URL."""
     media_root: Path | None = None
     """Content-addressed preprocessed pixels for the reranker; default ``home/media``."""
+    pixel_store: PixelStoreKind = "sqlite"
+    """Where the reranker's pixels live (:mod:`searchsvc.storage.pixels`): ``sqlite``, one
+    file in the media folder, shared by one host's processes; ``postgresql``, the
+    ``pixels`` table of ``database_url``, shared by every host of a cluster."""
     collection_alias: str = "images"
     embedder_profile: str = "small"
     embedder_weights: Path | None = None
@@ -129,6 +135,13 @@ class Settings:
     """How long the API works on one search or product update before answering 408."""
     api_max_batch_images: int = 16
     """Photos one ``POST /v1/search/batch`` may carry."""
+    val_sample_images: int = 20_000
+    """At most this many validation images are evaluated (whole products, chosen by a hash
+    seeded by ``split_seed``, the same for every model compared): evaluation memory and
+    time stay bounded as the catalog grows."""
+    query_retention_days: float = 0.0
+    """``searchsvc cleanup`` removes logged query photos older than this (0: kept for ever;
+    they are the learning loop's most valuable data)."""
     config_file: Path | None = field(default=None, compare=False)
 
     # Derived locations: one place decides where each thing lives.
@@ -186,6 +199,7 @@ class Settings:
             "qdrant": _redact(self.qdrant_url) or f"embedded:{self.qdrant_path.resolve()}",
             "broker": _redact(self.broker_url) or "in-process",
             "media": str(self.media_dir.resolve()),
+            "pixel_store": self.pixel_store,
             "config_file": str(self.config_file) if self.config_file else "",
         }
 
@@ -286,6 +300,7 @@ def _validate(settings: Settings) -> None:
         "embed_max_deliveries",
         "api_max_request_bytes",
         "api_max_batch_images",
+        "val_sample_images",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")
@@ -312,12 +327,16 @@ def _validate(settings: Settings) -> None:
             fail(name, "must be a positive, finite number of seconds")
     if not 0.0 <= settings.sync_max_delete_fraction <= 1.0:
         fail("sync_max_delete_fraction", "must be between 0 and 1")
+    if not math.isfinite(settings.query_retention_days) or settings.query_retention_days < 0:
+        fail("query_retention_days", "must be a finite number of days, 0 or more")
     if not 0.0 < settings.val_fraction < 1.0:
         fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):
         value = getattr(settings, name)
         if value and "://" not in value:
             fail(name, "must be a URL with a scheme (for example redis://host:6379/0)")
+    if settings.pixel_store == "postgresql" and not settings.database_url.startswith("postgresql"):
+        fail("pixel_store", "postgresql needs SEARCHSVC_DATABASE_URL to name a PostgreSQL database")
     if settings.broker_url and not settings.broker_url.startswith(("redis://", "rediss://")):
         fail("broker_url", "must be a redis:// or rediss:// URL")
     if not settings.collection_alias.replace("_", "").replace("-", "").isalnum():

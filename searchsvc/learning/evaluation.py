@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 from searchsvc.core.errors import ImageError, SearchsvcError
 from searchsvc.core.images import IMAGE_SUFFIXES, read_image_bytes
 from searchsvc.learning.metrics import relevance_from_labels, retrieval_metrics
+from searchsvc.learning.topk import self_positions, top_k_neighbours
 from searchsvc.learning.training_data import (
     DataSplit,
     LabelledImage,
@@ -39,6 +40,7 @@ from searchsvc.learning.training_data import (
     load_training_data,
     refs_of,
     require_val_queries,
+    sample_validation,
     split_data,
 )
 from searchsvc.models.embedder import Embedder
@@ -72,6 +74,7 @@ def first_stage(
     k: int,
     *,
     self_index: Sequence[int] | np.ndarray | None = None,
+    chunk: int | None = None,
 ) -> tuple[IntArray, FloatArray]:
     """Top ``k`` gallery items per query by cosine distance (``1 - q.g`` of unit vectors,
     as the query path reports it), nearest first, ties in gallery order.
@@ -79,33 +82,10 @@ def first_stage(
     ``self_index[q]`` is the gallery position of query ``q`` when it is a gallery item, -1
     otherwise; a query never ranks itself. Returns ``(Q, K)`` indices and distances with
     ``K = min(k, gallery size - 1 if any query is in the gallery else gallery size)``.
+    Memory: ``chunk`` queries' distances at a time, never ``Q x G``
+    (:func:`searchsvc.learning.topk.top_k_neighbours`).
     """
-    q = np.asarray(query_vectors, dtype=np.float64)
-    g = np.asarray(gallery_vectors, dtype=np.float64)
-    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"expected (Q, D) and (G, D) vectors, got {q.shape} and {g.shape}")
-    distances = 1.0 - q @ g.T
-    own = _self_index(self_index, len(q), len(g))
-    has_self = own >= 0
-    distances[np.flatnonzero(has_self), own[has_self]] = np.inf
-    width = min(k, len(g) - (1 if has_self.any() else 0))
-    if width < 1:
-        raise ValueError(f"the gallery has {len(g)} items: nothing to rank")
-    order = np.argsort(distances, axis=1, kind="stable")[:, :width].astype(np.int64)
-    return order, np.take_along_axis(distances, order, axis=1)
-
-
-def _self_index(
-    self_index: Sequence[int] | np.ndarray | None, n_queries: int, n_gallery: int
-) -> IntArray:
-    own = (
-        np.full(n_queries, -1, dtype=np.int64)
-        if self_index is None
-        else np.asarray(self_index, dtype=np.int64)
-    )
-    if own.shape != (n_queries,) or own.max(initial=-1) >= n_gallery or own.min(initial=0) < -1:
-        raise ValueError(f"self_index must be ({n_queries},) gallery positions or -1")
-    return own
+    return top_k_neighbours(query_vectors, gallery_vectors, k, self_index=self_index, chunk=chunk)
 
 
 def relevant_counts(
@@ -117,7 +97,7 @@ def relevant_counts(
     counts: dict[str, int] = {}
     for label in gallery_labels:
         counts[label] = counts.get(label, 0) + 1
-    own = _self_index(self_index, len(query_labels), len(gallery_labels))
+    own = self_positions(self_index, len(query_labels), len(gallery_labels))
     return np.array(
         [counts.get(label, 0) - (1 if own[n] >= 0 else 0) for n, label in enumerate(query_labels)],
         dtype=np.int64,
@@ -488,8 +468,11 @@ def evaluate_served_on_split(
     (``SEARCHSVC_SPLIT_SEED``, ``SEARCHSVC_VAL_FRACTION``): what ``searchsvc eval`` prints
     without ``--queries``. Reads the DB and the image files; the index is not opened.
     Returns the report and the split's record."""
-    split = split_data(
-        load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
+    split = sample_validation(
+        split_data(
+            load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
+        ),
+        settings.val_sample_images,
     )
     if side == "val":
         require_val_queries(split)
