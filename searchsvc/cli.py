@@ -305,14 +305,40 @@ def status(ctx: click.Context, as_json: bool) -> None:
     help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write an HTML report with pictures to REPORT/index.html (opens offline): "
+    "sampled queries beside their top 5 before and after STIR, CMC@k curves, the "
+    "fusion-weight calibration curve.",
+)
+@click.option(
+    "--report-sample",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Queries the report shows, drawn by --report-seed before any result is seen.",
+)
+@click.option("--report-seed", default=0, show_default=True, type=int)
 @click.pass_context
 @handle_errors
-def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: bool) -> None:
+def eval_command(
+    ctx: click.Context,
+    queries: Path | None,
+    side: str,
+    as_json: bool,
+    report_dir: Path | None,
+    report_sample: int,
+    report_seed: int,
+) -> None:
     """Retrieval quality of the serving models: CMC@1/5/10, precision@5, mAP@5/10, for the
     embedder alone and with the active STIR reranking the top 5 and 10 (STIR.md metrics)."""
     from searchsvc.learning import evaluation
 
     settings = _settings(ctx)
+    if report_dir is not None:
+        _write_eval_report(settings, queries, side, report_dir, report_sample, report_seed)
     record: dict[str, Any]
     if queries is not None:
         query_set = evaluation.load_query_set(queries)
@@ -348,6 +374,52 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
     if report.unreadable:
         click.echo(f"  {report.unreadable} images could not be read")
     click.echo(evaluation.format_table({"serving": report}))
+
+
+def _write_eval_report(
+    settings: Settings,
+    queries: Path | None,
+    side: str,
+    report_dir: Path,
+    sample: int,
+    seed: int,
+) -> None:
+    from searchsvc.learning import evaluation, report
+    from searchsvc.storage.db import Database
+    from searchsvc.storage.pixels import PixelStore
+
+    database = Database(settings.sqlalchemy_url)
+    pixel_store = PixelStore(settings.media_dir)
+    try:
+        if queries is not None:
+            eval_set = evaluation.query_photos_eval_set(
+                settings, database, evaluation.load_query_set(queries), pixel_store
+            )
+            source = f"query photos {queries} against every indexed catalog image"
+        else:
+            eval_set, _ = evaluation.split_eval_set(settings, database, pixel_store, side=side)
+            source = (
+                f"catalog split ({side} side): every catalog image queries the others, "
+                "logged query photos query them all"
+            )
+        embedder, stir, models = evaluation.served_models(settings, database)
+        quality = report.build_report(
+            eval_set,
+            embedder,
+            stir,
+            title="searchsvc retrieval quality",
+            source=source,
+            models=models,
+            top_n=settings.rerank_top_n,
+            sample=sample,
+            seed=seed,
+            batch_size=settings.batch_size,
+        )
+    finally:
+        pixel_store.close()
+        database.dispose()
+    page = report.write_report(quality, report_dir)
+    click.echo(f"report: {page}", err=True)
 
 
 @main.command("demo-catalog")
