@@ -101,7 +101,15 @@ def ingest(
         if not no_progress and not as_json:
             from tqdm import tqdm
 
-            bar = tqdm(total=count_image_files(catalog), unit="img", desc="ingest", file=sys.stderr)
+            from searchsvc.core.progress import bar_disabled
+
+            bar = tqdm(
+                total=count_image_files(catalog),
+                unit="img",
+                desc="ingest",
+                file=sys.stderr,
+                disable=bar_disabled(True),
+            )
 
             def progress(done: int, failed: int) -> None:
                 assert bar is not None
@@ -300,9 +308,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     "--split",
     "side",
     type=click.Choice(["val", "train"]),
-    default="val",
-    show_default=True,
-    help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION).",
+    help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION); "
+    "default val. With --queries: only the photos of that side's products (val: products "
+    "the retrain never trained on); default all photos.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
@@ -326,7 +334,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 def eval_command(
     ctx: click.Context,
     queries: Path | None,
-    side: str,
+    side: str | None,
     as_json: bool,
     report_dir: Path | None,
     report_sample: int,
@@ -338,18 +346,29 @@ def eval_command(
 
     settings = _settings(ctx)
     if report_dir is not None:
-        _write_eval_report(settings, queries, side, report_dir, report_sample, report_seed)
+        showcase = _write_eval_report(
+            settings, queries, side, report_dir, report_sample, report_seed
+        )
+        if not as_json:
+            click.echo("\n".join(showcase))
     record: dict[str, Any]
     if queries is not None:
         query_set = evaluation.load_query_set(queries)
+        if side is not None:
+            query_set = evaluation.queries_on_side(query_set, settings, side)
         app = _app(settings)
         try:
             search = app.search_service(app.in_process_rerank_stage(), record_queries=False)
             report = evaluation.evaluate_live(search, query_set, max_bytes=settings.max_image_bytes)
         finally:
             app.close()
-        record = {"source": "live index", "queries": str(queries)}
+        record = {
+            "source": "live index",
+            "queries": str(queries),
+            "products": f"{side} side of the split" if side else "all",
+        }
     else:
+        side = side or "val"
         from searchsvc.storage.db import Database
         from searchsvc.storage.pixels import PixelStore
 
@@ -379,11 +398,12 @@ def eval_command(
 def _write_eval_report(
     settings: Settings,
     queries: Path | None,
-    side: str,
+    side: str | None,
     report_dir: Path,
     sample: int,
     seed: int,
-) -> None:
+) -> list[str]:
+    """Write the HTML report; returns its sampled queries as text lines."""
     from searchsvc.learning import evaluation, report
     from searchsvc.storage.db import Database
     from searchsvc.storage.pixels import PixelStore
@@ -392,11 +412,14 @@ def _write_eval_report(
     pixel_store = PixelStore(settings.media_dir)
     try:
         if queries is not None:
-            eval_set = evaluation.query_photos_eval_set(
-                settings, database, evaluation.load_query_set(queries), pixel_store
-            )
-            source = f"query photos {queries} against every indexed catalog image"
+            query_set = evaluation.load_query_set(queries)
+            if side is not None:
+                query_set = evaluation.queries_on_side(query_set, settings, side)
+            eval_set = evaluation.query_photos_eval_set(settings, database, query_set, pixel_store)
+            which = f"of {side}-side products " if side else ""
+            source = f"query photos {which}in {queries} against every indexed catalog image"
         else:
+            side = side or "val"
             eval_set, _ = evaluation.split_eval_set(settings, database, pixel_store, side=side)
             source = (
                 f"catalog split ({side} side): every catalog image queries the others, "
@@ -419,7 +442,7 @@ def _write_eval_report(
         pixel_store.close()
         database.dispose()
     page = report.write_report(quality, report_dir)
-    click.echo(f"report: {page}", err=True)
+    return [f"report: {page}", *report.showcase_lines(quality, eval_set)]
 
 
 @main.command("demo-catalog")

@@ -19,10 +19,18 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from searchsvc.cli import main
+from searchsvc.core.config import Settings
+from searchsvc.core.errors import SearchsvcError
 from searchsvc.core.profiles import PROFILES
-from searchsvc.learning.evaluation import FUSION_WEIGHTS, EvalSet, FirstStageResult
+from searchsvc.learning.evaluation import (
+    FUSION_WEIGHTS,
+    EvalSet,
+    FirstStageResult,
+    LabelledQuery,
+    queries_on_side,
+)
 from searchsvc.learning.report import SHOWN, cmc_curve, sample_queries
-from searchsvc.learning.training_data import LabelledImage, PixelLoader
+from searchsvc.learning.training_data import LabelledImage, PixelLoader, split_of
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
 
@@ -160,3 +168,16 @@ def test_sampling_rule_and_cmc_curve_by_hand() -> None:
     assert cmc_curve(result, swapped, 3) == [0.0, 0.5, 1.0]
     drawn = sample_queries(result, 1, seed=3)
     assert drawn == sample_queries(result, 1, seed=3) and drawn[0] in (0, 1)
+
+
+def test_query_photos_of_one_side_of_the_split(settings: Settings) -> None:
+    photos = [LabelledQuery(f"p{n:03d}", Path(f"p{n:03d}.jpg")) for n in range(40)]
+    val = queries_on_side(photos, settings, "val")
+    train = queries_on_side(photos, settings, "train")
+    assert sorted([*val, *train], key=lambda q: q.label) == photos
+    assert val and all(
+        split_of(q.label, seed=settings.split_seed, val_fraction=settings.val_fraction) == "val"
+        for q in val
+    )
+    with pytest.raises(SearchsvcError, match="none of the 1 query photos is of a val-side"):
+        queries_on_side(train[:1], settings, "val")

@@ -409,6 +409,8 @@ def _training_pixels(
     photos that only appear in a hard negative are added unlabelled."""
     from tqdm import tqdm
 
+    from searchsvc.core.progress import bar_disabled
+
     items: list[LabelledImage | None] = list(split.train)
     refs = refs_of(split.train)
     by_image = {i.image_id: n for n, i in enumerate(split.train) if i.image_id is not None}
@@ -422,7 +424,7 @@ def _training_pixels(
             refs.append((neg.query_path, neg.query_hash))
             items.append(None)
         pairs.append((by_query[neg.query_id], by_image[neg.negative_image_id]))
-    with tqdm(total=len(refs), desc="pixels", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(refs), desc="pixels", unit="img", disable=bar_disabled(progress)) as bar:
         pixels, ok = loader.many(refs, load_size, progress=lambda n: bar.update(n - bar.n))
     if not ok.all():
         log(f"retrain: {int((~ok).sum())} training images could not be read; left out")

@@ -40,6 +40,7 @@ from searchsvc.learning.training_data import (
     refs_of,
     require_val_queries,
     split_data,
+    split_of,
 )
 from searchsvc.models.embedder import Embedder
 from searchsvc.models.fusion import rerank_order
@@ -585,6 +586,21 @@ def load_query_set(root: Path) -> list[LabelledQuery]:
     if not queries:
         raise SearchsvcError(f"{root}: no labelled query photos found")
     return queries
+
+
+def queries_on_side(
+    queries: Sequence[LabelledQuery], settings: Settings, side: str
+) -> list[LabelledQuery]:
+    """The photos whose product is on ``side`` of the catalog split (``val``: products the
+    retrain never trains on). Refuses an empty result, naming the side."""
+    kept = [
+        q
+        for q in queries
+        if split_of(q.label, seed=settings.split_seed, val_fraction=settings.val_fraction) == side
+    ]
+    if not kept:
+        raise SearchsvcError(f"none of the {len(queries)} query photos is of a {side}-side product")
+    return kept
 
 
 NOT_RERANKABLE = ("fewer than 2 candidates", "no reranker is active")

@@ -159,6 +159,33 @@ def build_report(
     )
 
 
+def showcase_lines(report: QualityReport, eval_set: EvalSet) -> list[str]:
+    """The sampled queries as text: each one's photo, its product, and its top 5 before
+    and after STIR, a right product marked ``*``; then how many were right at rank 1."""
+
+    def listed(ranked: Sequence[int], label: str) -> str:
+        names = [report.gallery_labels[g] for g in ranked]
+        return " ".join(f"{name}{'*' if name == label else ''}" for name in names)
+
+    lines = [
+        f"{len(report.examples)} sampled queries (a seeded draw, made before any result is "
+        f"seen); top {SHOWN} results, * = the right product:"
+    ]
+    right = {"embedder": 0, "stir": 0}
+    for example in report.examples:
+        photo = eval_set.queries[example.query].path.name
+        lines.append(f"  {photo} (product {example.label})")
+        lines.append(f"    embedder:    {listed(example.before, example.label)}")
+        right["embedder"] += report.gallery_labels[example.before[0]] == example.label
+        if example.after is not None:
+            lines.append(f"    + STIR@{report.top_n}:  {listed(example.after, example.label)}")
+            right["stir"] += report.gallery_labels[example.after[0]] == example.label
+    summary = f"right at rank 1: embedder {right['embedder']}/{len(report.examples)}"
+    if report.cmc_stir is not None:
+        summary += f", with STIR {right['stir']}/{len(report.examples)}"
+    return [*lines, summary]
+
+
 # --------------------------------------------------------------------------- rendering
 
 
