@@ -128,15 +128,19 @@ class ArrayEvalSet(EvalSet):
 
 class RawPixelEmbedder:
     """The ``raw pixels`` baseline with the :class:`Embedder` interface: the grey value of
-    every pixel (the three channels are equal), L2-normalised."""
+    every pixel (Fashion-MNIST: the three channels are equal) or, with ``colour``, the
+    three channels of every pixel (colour photographs), L2-normalised."""
 
-    def __init__(self, size: int) -> None:
-        self.info = EmbedderInfo(input_size=size, dim=size * size)
+    def __init__(self, size: int, *, colour: bool = False) -> None:
+        self.colour = colour
+        self.info = EmbedderInfo(input_size=size, dim=size * size * (3 if colour else 1))
 
     def embed(self, pixels: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         out = np.empty((len(pixels), self.info.dim), dtype=np.float32)
         for start in range(0, len(pixels), batch_size):
-            chunk = pixels[start : start + batch_size].astype(np.float32).mean(axis=-1)
+            chunk = pixels[start : start + batch_size].astype(np.float32)
+            if not self.colour:
+                chunk = chunk.mean(axis=-1)
             chunk = chunk.reshape(len(chunk), -1)
             norms = np.linalg.norm(chunk, axis=1, keepdims=True)
             out[start : start + batch_size] = chunk / np.maximum(norms, 1e-12)
@@ -243,16 +247,25 @@ def run_comparison(
     embedder_config: EmbedderTrainConfig,
     validate_embedder: bool = True,
     stir_steps: int | None = None,
+    profile: str = PROFILE,
+    raw_colour: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, Any]]:
     """Train the embedder and STIR through the trainer, evaluate every row. Returns
     (rows, training records, eval counts). A budget of None minutes is no deadline (the
-    configs' step counts decide: ``embedder_config.steps``, ``stir_steps``)."""
-    spec = profile_spec(PROFILE)
+    configs' step counts decide: ``embedder_config.steps``, ``stir_steps``). ``profile``:
+    the embedder profile (its input size); ``raw_colour``: the raw-pixel row compares
+    colour pixels (real photographs) rather than grey values."""
+    spec = profile_spec(profile)
     depth = max([*KS, *TOP_NS])
     rows: dict[str, dict[str, float]] = {}
 
     tick = time.monotonic()
-    raw = rank_chunked(eval_set, RawPixelEmbedder(spec.input_size), depth=depth, chunk=chunk)
+    raw = rank_chunked(
+        eval_set,
+        RawPixelEmbedder(spec.input_size, colour=raw_colour),
+        depth=depth,
+        chunk=chunk,
+    )
     rows["raw pixels"] = raw.base.metrics
     rows.update({f"raw pixels, {k}": v for k, v in perfect_rows(raw, TOP_NS).items()})
     timings["eval_raw_pixels_s"] = time.monotonic() - tick
@@ -379,7 +392,7 @@ def run_comparison(
 
     training = {
         "embedder": {
-            "profile": PROFILE,
+            "profile": profile,
             "spec": spec.to_json(),
             "config": embedder_config.resolve(spec).to_json(),
             "result": train_summary(emb_result),
