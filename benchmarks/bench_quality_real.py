@@ -241,6 +241,7 @@ def main() -> None:
         embedder_config=EmbedderTrainConfig(
             seed=args.seed, precision=args.precision, steps=args.embedder_steps
         ),
+        save_models=args.save_models,
         profile=args.profile,
         raw_colour=True,
     )

@@ -49,9 +49,10 @@ from searchsvc.models.embedder import (
     EmbedderInfo,
     new_embedding_net,
     profile_spec,
+    save_embedder,
 )
 from searchsvc.models.fusion import rerank_order
-from searchsvc.models.stir import StirScorer
+from searchsvc.models.stir import StirScorer, save_stir
 from trainer.augment import resize_pixels
 from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
@@ -249,12 +250,15 @@ def run_comparison(
     stir_steps: int | None = None,
     profile: str = PROFILE,
     raw_colour: bool = False,
+    save_models: Path | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, Any]]:
     """Train the embedder and STIR through the trainer, evaluate every row. Returns
     (rows, training records, eval counts). A budget of None minutes is no deadline (the
     configs' step counts decide: ``embedder_config.steps``, ``stir_steps``). ``profile``:
     the embedder profile (its input size); ``raw_colour``: the raw-pixel row compares
-    colour pixels (real photographs) rather than grey values."""
+    colour pixels (real photographs) rather than grey values; ``save_models``: a folder
+    the trained embedder and STIR (with the fusion weight and pair order validation
+    chose) are saved to, as ``embedder.safetensors`` and ``stir.safetensors``."""
     spec = profile_spec(profile)
     depth = max([*KS, *TOP_NS])
     rows: dict[str, dict[str, float]] = {}
@@ -343,6 +347,12 @@ def run_comparison(
         f"stir: {stir_result.steps_done} steps in {timings['train_stir_s']:.0f} s, "
         f"fusion weight {weight:g}, {'symmetric' if symmetric else 'one way'}"
     )
+
+    if save_models is not None:
+        save_models.mkdir(parents=True, exist_ok=True)
+        save_embedder(net, save_models / "embedder.safetensors")
+        save_stir(stir_net, save_models / "stir.safetensors")
+        log(f"saved the embedder and STIR to {save_models}")
 
     # Both pair orders of every test pair are scored once: the served rows use the rule
     # validation chose, and the lever rows show each rule at its own calibrated weight.
@@ -532,6 +542,11 @@ def common_arguments(
     parser.add_argument("--chunk", type=int, default=1000, help="queries per brute-force block")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--save-models",
+        type=Path,
+        help="save the trained embedder and STIR here (embedder.safetensors, stir.safetensors)",
+    )
 
 
 def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
