@@ -207,6 +207,8 @@ def _ingest_here(
         if not no_progress:
             from tqdm import tqdm
 
+            from searchsvc.core.progress import bar_disabled
+
             bar = tqdm(
                 total=count_image_files(
                     catalog, follow_outside=settings.follow_symlinks_outside_catalog
@@ -214,6 +216,7 @@ def _ingest_here(
                 unit="img",
                 desc="ingest",
                 file=sys.stderr,
+                disable=bar_disabled(True),
             )
 
             def progress(done: int, failed: int) -> None:
@@ -473,30 +476,67 @@ def cleanup(ctx: click.Context, apply: bool, as_json: bool) -> None:
     "--split",
     "side",
     type=click.Choice(["val", "train"]),
-    default="val",
-    show_default=True,
-    help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION).",
+    help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION); "
+    "default val. With --queries: only the photos of that side's products (val: products "
+    "the retrain never trained on); default all photos.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write an HTML report with pictures to REPORT/index.html (opens offline): "
+    "sampled queries beside their top 5 before and after STIR, CMC@k curves, the "
+    "fusion-weight calibration curve.",
+)
+@click.option(
+    "--report-sample",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Queries the report shows, drawn by --report-seed before any result is seen.",
+)
+@click.option("--report-seed", default=0, show_default=True, type=int)
 @click.pass_context
 @handle_errors
-def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: bool) -> None:
+def eval_command(
+    ctx: click.Context,
+    queries: Path | None,
+    side: str | None,
+    as_json: bool,
+    report_dir: Path | None,
+    report_sample: int,
+    report_seed: int,
+) -> None:
     """Retrieval quality of the serving models: CMC@1/5/10, precision@5, mAP@5/10, for the
     embedder alone and with the active STIR reranking the top 5 and 10 (STIR.md metrics)."""
     from searchsvc.learning import evaluation
 
     settings = _settings(ctx)
+    if report_dir is not None:
+        showcase = _write_eval_report(
+            settings, queries, side, report_dir, report_sample, report_seed
+        )
+        if not as_json:
+            click.echo("\n".join(showcase))
     record: dict[str, Any]
     if queries is not None:
         query_set = evaluation.load_query_set(queries)
+        if side is not None:
+            query_set = evaluation.queries_on_side(query_set, settings, side)
         app = _app(settings)
         try:
             search = app.search_service(app.in_process_rerank_stage(), record_queries=False)
             report = evaluation.evaluate_live(search, query_set, max_bytes=settings.max_image_bytes)
         finally:
             app.close()
-        record = {"source": "live index", "queries": str(queries)}
+        record = {
+            "source": "live index",
+            "queries": str(queries),
+            "products": f"{side} side of the split" if side else "all",
+        }
     else:
+        side = side or "val"
         from searchsvc.storage.db import Database
         from searchsvc.storage.pixels import open_pixel_store
 
@@ -521,6 +561,56 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
     if report.unreadable:
         click.echo(f"  {report.unreadable} images could not be read")
     click.echo(evaluation.format_table({"serving": report}))
+
+
+def _write_eval_report(
+    settings: Settings,
+    queries: Path | None,
+    side: str | None,
+    report_dir: Path,
+    sample: int,
+    seed: int,
+) -> list[str]:
+    """Write the HTML report; returns its sampled queries as text lines."""
+    from searchsvc.learning import evaluation, report
+    from searchsvc.storage.db import Database
+    from searchsvc.storage.pixels import open_pixel_store
+
+    database = Database(settings.sqlalchemy_url)
+    pixel_store = open_pixel_store(settings, database)
+    try:
+        if queries is not None:
+            query_set = evaluation.load_query_set(queries)
+            if side is not None:
+                query_set = evaluation.queries_on_side(query_set, settings, side)
+            eval_set = evaluation.query_photos_eval_set(settings, database, query_set, pixel_store)
+            which = f"of {side}-side products " if side else ""
+            source = f"query photos {which}in {queries} against every indexed catalog image"
+        else:
+            side = side or "val"
+            eval_set, _ = evaluation.split_eval_set(settings, database, pixel_store, side=side)
+            source = (
+                f"catalog split ({side} side): every catalog image queries the others, "
+                "logged query photos query them all"
+            )
+        embedder, stir, models = evaluation.served_models(settings, database)
+        quality = report.build_report(
+            eval_set,
+            embedder,
+            stir,
+            title="searchsvc retrieval quality",
+            source=source,
+            models=models,
+            top_n=settings.rerank_top_n,
+            sample=sample,
+            seed=seed,
+            batch_size=settings.batch_size,
+        )
+    finally:
+        pixel_store.close()
+        database.dispose()
+    page = report.write_report(quality, report_dir)
+    return [f"report: {page}", *report.showcase_lines(quality, eval_set)]
 
 
 @main.command("demo-catalog")

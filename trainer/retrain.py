@@ -43,6 +43,7 @@ from searchsvc.core.config import Settings, load_settings
 from searchsvc.core.errors import SearchsvcError
 from searchsvc.core.files import config_path_for
 from searchsvc.core.profiles import EmbedderSpec
+from searchsvc.core.progress import bar_disabled
 from searchsvc.jobs.model_files import ensure_active_embedder
 from searchsvc.jobs.switch import SwapReport, switch_stir
 from searchsvc.learning.evaluation import (
@@ -441,7 +442,7 @@ def _training_pixels(
             refs.append((neg.query_path, neg.query_hash))
             items.append(None)
         pairs.append((by_query[neg.query_id], by_image[neg.negative_image_id]))
-    with tqdm(total=len(refs), desc="pixels", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(refs), desc="pixels", unit="img", disable=bar_disabled(progress)) as bar:
         pixels, ok = write_pixel_rows(
             path, loader, refs, load_size, progress=lambda n: bar.update(n - bar.n)
         )
@@ -746,7 +747,7 @@ def _promote_embedder_stage(run: _Run, outcome: StageOutcome) -> None:
     assert outcome.candidate_version is not None
     if not stage.get("swapped"):
         run.log(f"embedder: re-embedding the catalog with v{outcome.candidate_version}")
-        with tqdm(desc="re-embed", unit="img", disable=not run.config.progress) as bar:
+        with tqdm(desc="re-embed", unit="img", disable=bar_disabled(run.config.progress)) as bar:
 
             def report(done: int, total: int) -> None:
                 bar.total = total

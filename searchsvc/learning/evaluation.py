@@ -42,6 +42,7 @@ from searchsvc.learning.training_data import (
     require_val_queries,
     sample_validation,
     split_data,
+    split_of,
 )
 from searchsvc.models.embedder import Embedder
 from searchsvc.models.fusion import rerank_order
@@ -461,29 +462,15 @@ def evaluate(
     )
 
 
-def evaluate_served_on_split(
-    settings: Settings, db: Database, pixels: PixelStore | None = None, *, side: str = "val"
-) -> tuple[EvalReport, dict[str, Any]]:
-    """The active embedder (and active reranker, if any) on one side of the catalog split
-    (``SEARCHSVC_SPLIT_SEED``, ``SEARCHSVC_VAL_FRACTION``): what ``searchsvc eval`` prints
-    without ``--queries``. Reads the DB and the image files; the index is not opened.
-    Returns the report and the split's record."""
-    split = sample_validation(
-        split_data(
-            load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
-        ),
-        settings.val_sample_images,
-    )
-    if side == "val":
-        require_val_queries(split)
+def served_models(
+    settings: Settings, db: Database
+) -> tuple[Embedder, StirScorer | None, dict[str, str]]:
+    """The active embedder and the active reranker (None when there is none), loaded as the
+    query path loads them, and their versions (``{"embedder": "v1", "stir": "v3"}``)."""
     embedder_version = active_version(db, ModelKind.EMBEDDER)
     if embedder_version is None:
         raise SearchsvcError("no embedder yet: run 'searchsvc ingest CATALOG' first")
     stir_version = active_version(db, ModelKind.STIR)
-    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, pixels)
-    eval_set = EvalSet.from_split(split, loader, side)
-    if not eval_set.gallery:
-        raise SearchsvcError(f"the {side} side of the split holds no catalog image")
     embedder = Embedder.from_file(
         embedder_version.file, device=settings.device, precision=settings.precision
     )
@@ -497,11 +484,60 @@ def evaluate_served_on_split(
     models = {"embedder": f"v{embedder_version.id}"}
     if stir_version is not None:
         models["stir"] = f"v{stir_version.id}"
+    return embedder, stir, models
+
+
+def split_eval_set(
+    settings: Settings, db: Database, pixels: PixelStore | None = None, *, side: str = "val"
+) -> tuple[EvalSet, dict[str, Any]]:
+    """One side of the catalog split (``SEARCHSVC_SPLIT_SEED``, ``SEARCHSVC_VAL_FRACTION``)
+    as an evaluation set, and the split's record (its validation side sampled to at most
+    ``SEARCHSVC_VAL_SAMPLE_IMAGES`` images)."""
+    split = sample_validation(
+        split_data(
+            load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
+        ),
+        settings.val_sample_images,
+    )
+    if side == "val":
+        require_val_queries(split)
+    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, pixels)
+    eval_set = EvalSet.from_split(split, loader, side)
+    if not eval_set.gallery:
+        raise SearchsvcError(f"the {side} side of the split holds no catalog image")
+    return eval_set, split.record
+
+
+def query_photos_eval_set(
+    settings: Settings,
+    db: Database,
+    queries: Sequence[LabelledQuery],
+    pixels: PixelStore | None = None,
+) -> EvalSet:
+    """Labelled query photos against every indexed catalog image (brute force, by image):
+    the live catalog as an evaluation set. The photos are not gallery items."""
+    gallery = [i for i in load_training_data(db).images if i.source == "catalog"]
+    if not gallery:
+        raise SearchsvcError("no indexed catalog image: run 'searchsvc ingest CATALOG' first")
+    photos = [LabelledImage(q.label, q.path, "", "query") for q in queries]
+    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, pixels)
+    return EvalSet(gallery, photos, np.full(len(photos), -1, dtype=np.int64), loader)
+
+
+def evaluate_served_on_split(
+    settings: Settings, db: Database, pixels: PixelStore | None = None, *, side: str = "val"
+) -> tuple[EvalReport, dict[str, Any]]:
+    """The active embedder (and active reranker, if any) on one side of the catalog split
+    (:func:`split_eval_set`): what ``searchsvc eval`` prints without ``--queries``. Reads
+    the DB and the image files; the index is not opened. Returns the report and the
+    split's record."""
+    eval_set, record = split_eval_set(settings, db, pixels, side=side)
+    embedder, stir, models = served_models(settings, db)
     top_ns = sorted({*TOP_NS, settings.rerank_top_n})
     report = evaluate(
         eval_set, embedder, stir, top_ns=top_ns, batch_size=settings.batch_size, models=models
     )
-    return report, split.record
+    return report, record
 
 
 # --------------------------------------------------------------------------- live index
@@ -534,6 +570,21 @@ def load_query_set(root: Path) -> list[LabelledQuery]:
     if not queries:
         raise SearchsvcError(f"{root}: no labelled query photos found")
     return queries
+
+
+def queries_on_side(
+    queries: Sequence[LabelledQuery], settings: Settings, side: str
+) -> list[LabelledQuery]:
+    """The photos whose product is on ``side`` of the catalog split (``val``: products the
+    retrain never trains on). Refuses an empty result, naming the side."""
+    kept = [
+        q
+        for q in queries
+        if split_of(q.label, seed=settings.split_seed, val_fraction=settings.val_fraction) == side
+    ]
+    if not kept:
+        raise SearchsvcError(f"none of the {len(queries)} query photos is of a {side}-side product")
+    return kept
 
 
 NOT_RERANKABLE = ("fewer than 2 candidates", "no reranker is active")
