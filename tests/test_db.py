@@ -339,7 +339,8 @@ def test_alembic_command_line_uses_the_same_migrations(tmp_path: Path) -> None:
         return proc.stdout + proc.stderr
 
     alembic("upgrade", "head")
-    assert "(head)" in alembic("current")  # whichever revision is the head
+    head = Database(url, auto_migrate=False).head_revision()  # the newest revision, any id
+    assert f"{head} (head)" in alembic("current")
     assert "No new upgrade operations detected" in alembic("check")
     db = Database(url, auto_migrate=False)
     try:
@@ -554,3 +555,106 @@ def test_url_normalization_and_redaction() -> None:
     assert normalize_url("postgresql+psycopg://u@h/d").drivername == "postgresql+psycopg"
     assert normalize_url("sqlite:///x.db").drivername == "sqlite"
     assert redact_url("postgresql://u:secret@h:5/d") == "postgresql://u:***@h:5/d"
+
+
+# ------------------------------------------------------------- one active version per kind
+
+
+def _version_row(kind: ModelKind, active: bool) -> ModelVersion:
+    return ModelVersion(kind=kind, arch="a", file="f", config={}, metrics={}, active=active)
+
+
+def test_one_active_version_per_kind_is_a_database_constraint(
+    backend: str, new_url, open_db
+) -> None:
+    db = open_db(new_url())
+    with db.session() as session:
+        session.add_all(
+            [
+                _version_row(ModelKind.EMBEDDER, True),
+                _version_row(ModelKind.EMBEDDER, False),
+                _version_row(ModelKind.EMBEDDER, False),  # any number of inactive ones
+                _version_row(ModelKind.STIR, True),  # one active of each kind
+            ]
+        )
+    with pytest.raises(sa.exc.IntegrityError), db.session() as session:
+        session.add(_version_row(ModelKind.EMBEDDER, True))
+    with db.session() as session:
+        active = session.scalars(
+            sa.select(ModelVersion.kind).where(ModelVersion.active.is_(True))
+        ).all()
+    assert sorted(active) == [ModelKind.EMBEDDER, ModelKind.STIR]
+
+
+def test_migration_0002_keeps_the_newest_active_version(backend: str, new_url, open_db) -> None:
+    """A database where the old race left two active embedders upgrades, serving the newest
+    (the one ``active_version`` chose before)."""
+    db = open_db(new_url(), auto_migrate=False)
+    db.upgrade("0001")
+    with db.engine.begin() as conn:
+        for active in (True, True, False):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO model_versions (kind, arch, file, config, metrics, active)"
+                    " VALUES ('embedder', 'a', 'f', '{}', '{}', :active)"
+                ),
+                {"active": active},
+            )
+    db.upgrade()
+    with db.session() as session:
+        rows = session.execute(sa.select(ModelVersion.id, ModelVersion.active)).all()
+    assert sorted(rows) == [(1, False), (2, True), (3, False)]
+
+
+def test_processes_starting_at_once_create_one_active_embedder(
+    backend: str, new_url, tmp_path: Path
+) -> None:
+    url = new_url()
+    start_at = time.time() + 8.0  # after every process has imported torch and timm
+    code = textwrap.dedent(
+        f"""
+        import time
+        from searchsvc.core.config import load_settings
+        from searchsvc.jobs.model_files import ensure_active_embedder
+        from searchsvc.storage.db import Database
+        settings = load_settings(env={{
+            "SEARCHSVC_HOME": {str(tmp_path / "home")!r},
+            "SEARCHSVC_DATABASE_URL": {url!r},
+        }})
+        db = Database({url!r})
+        time.sleep(max(0.0, {start_at!r} - time.time()))
+        print(ensure_active_embedder(db, settings).id)
+        db.dispose()
+        """
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [(*p.communicate(timeout=180), p.returncode) for p in procs]
+    for _, err, rc in results:
+        assert rc == 0, err
+    served = {out.strip() for out, _, _ in results}
+    db = Database(url)
+    try:
+        with db.session() as session:
+            active = session.scalars(
+                sa.select(ModelVersion.id).where(
+                    ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.active.is_(True)
+                )
+            ).all()
+    finally:
+        db.dispose()
+    assert len(active) == 1
+    assert served == {str(active[0])}  # every process serves the one that won

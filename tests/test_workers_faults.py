@@ -163,46 +163,50 @@ def test_broker_down_fails_fast_then_ingest_resumes(
     assert_indexed_exactly_once(home, 60)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="race in the test, not the product: on a fast machine the ingest can finish "
-    "before the poller sees 8 indexed images and sends Ctrl-C (CI 2026-11-30); to be "
-    "made deterministic",
-)
 def test_interrupted_ingest_finishes_the_rest_on_the_next_run(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    # See the kill test: the Ctrl-C must land while the ingest still runs.
-    catalog = make_catalog(tmp_path / "catalog", products=300, views=3)
-    total = 900
+    # A gated worker embeds one task (4 images) and then takes no other until released:
+    # the Ctrl-C lands while the ingest still has work to wait for, on any machine.
+    catalog = make_catalog(tmp_path / "catalog", products=20, views=3)
+    total, batch = 60, 4
     home = tmp_path / "home"
-    env = cli_env(home, {"SEARCHSVC_BROKER_URL": redis_server.url, "SEARCHSVC_BATCH_SIZE": "4"})
-    worker = start_worker(env, "embed", "embed-a")
+    release = tmp_path / "release-the-worker"
+    env = cli_env(
+        home,
+        {
+            "SEARCHSVC_BROKER_URL": redis_server.url,
+            "SEARCHSVC_BATCH_SIZE": str(batch),
+            "GATED_WORKER_RELEASE": str(release),
+        },
+    )
+    worker = start_worker(env, "embed", "embed-gated", app="gated_worker")
     try:
         ingest = searchsvc(env, "ingest", str(catalog.root))
         wait_until(
             lambda: (
-                8 <= image_counts(home).get("indexed", 0)
+                image_counts(home).get("indexed", 0) >= batch
                 if (home / "searchsvc.db").exists()
                 else False
             ),
             120,
-            "the first embedded images",
+            "the first task's images",
         )
         ingest.send_signal(signal.SIGINT)  # Ctrl-C
         code, output = finish(ingest, timeout=60)
         assert code == 130, output
         assert "run the same command again" in output and "Traceback" not in output
-        done_before = image_counts(home).get("indexed", 0)
-        assert 0 < done_before < total, "the ingest finished before the Ctrl-C"
+        assert image_counts(home).get("indexed", 0) == batch  # exactly the first task
 
+        release.touch()
         code, output = finish(searchsvc(env, "ingest", str(catalog.root), "--json"))
     finally:
+        release.touch()
         stop(worker)
     assert code == 0, output
     summary = parse_json(output)
-    assert summary["images_unchanged"] == done_before  # nothing indexed is redone
-    assert summary["images_embedded"] == total - done_before
+    assert summary["images_unchanged"] == batch  # nothing indexed is redone
+    assert summary["images_embedded"] == total - batch
     assert_indexed_exactly_once(home, total)
 
 

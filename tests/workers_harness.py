@@ -82,15 +82,27 @@ def cli_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str
 
 
 def start_worker(
-    env: Mapping[str, str], queue: str, name: str, *, pool: str = "solo", concurrency: int = 1
+    env: Mapping[str, str],
+    queue: str,
+    name: str,
+    *,
+    pool: str = "solo",
+    concurrency: int = 1,
+    app: str = "workers",
 ) -> subprocess.Popen[bytes]:
     """A `celery worker` in its own session. Its log goes to ``worker-NAME.log`` beside
-    SEARCHSVC_HOME, so that a failing test leaves the workers' side of the story."""
+    SEARCHSVC_HOME, so that a failing test leaves the workers' side of the story. ``app``
+    ``gated_worker`` (this folder) is the worker that pauses after its first task."""
     log_path = Path(env["SEARCHSVC_HOME"]).parent / f"worker-{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = worker_command(
-        queue, name, "--pool", pool, "--concurrency", str(concurrency), log_level="info"
+        queue, name, "--pool", pool, "--concurrency", str(concurrency), log_level="info", app=app
     )
+    env = dict(env)
+    if app != "workers":  # a test app lives beside this file
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+        )
     with log_path.open("ab") as log_file:
         return subprocess.Popen(
             command,

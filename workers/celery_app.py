@@ -2,10 +2,10 @@
 
 Start the pools (README, "Worker pools"):
 
-    celery -A workers.celery_app worker -Q embed --concurrency 2 -n embed@%h
+    celery -A workers worker -Q embed --concurrency 2 -n embed@%h
     # ONE rerank process per GPU: its threads share one model, so requests that arrive
     # together are scored in one batched forward pass.
-    CUDA_VISIBLE_DEVICES=0 celery -A workers.celery_app worker -Q rerank --pool threads \
+    CUDA_VISIBLE_DEVICES=0 celery -A workers worker -Q rerank --pool threads \
         --concurrency 8 -n rerank0@%h
 """
 

@@ -16,7 +16,8 @@ import dataclasses
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -29,8 +30,10 @@ Device = Literal["auto", "cpu", "cuda"]
 IndexWriter = Literal["auto", "coordinator", "worker"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 WithoutWorker = Literal["wait", "stop"]
+PixelStoreKind = Literal["sqlite", "postgresql"]
 _CHOICES: dict[str, tuple[str, ...]] = {
     "WithoutWorker": get_args(WithoutWorker),
+    "PixelStoreKind": get_args(PixelStoreKind),
     "Device": get_args(Device),
     "IndexWriter": get_args(IndexWriter),
     "Precision": get_args(Precision),
@@ -54,6 +57,10 @@ class Settings:
     """Celery result backend; empty means the broker URL."""
     media_root: Path | None = None
     """Content-addressed preprocessed pixels for the reranker; default ``home/media``."""
+    pixel_store: PixelStoreKind = "sqlite"
+    """Where the reranker's pixels live (:mod:`searchsvc.storage.pixels`): ``sqlite``, one
+    file in the media folder, shared by one host's processes; ``postgresql``, the
+    ``pixels`` table of ``database_url``, shared by every host of a cluster."""
     collection_alias: str = "images"
     embedder_profile: str = "small"
     embedder_weights: Path | None = None
@@ -116,6 +123,25 @@ class Settings:
     val_fraction: float = 0.2
     """Share of the products held out for validation: model selection and the promotion
     gate; never trained on."""
+    api_keys: str = ""
+    """Keys of the HTTP API (``searchsvc serve``): comma-separated ``KEY:SCOPE`` pairs, scope
+    ``read`` (search, similar, feedback, status) or ``write`` (also product updates and
+    ingests). Empty: no key is asked, for a server on the loopback interface."""
+    api_cors_origins: str = ""
+    """Browser origins allowed to call the API, comma-separated; empty: CORS off."""
+    api_max_request_bytes: int = 20 * 1024 * 1024
+    """Largest request body the API reads (413 above it)."""
+    api_request_timeout_s: float = 30.0
+    """How long the API works on one search or product update before answering 408."""
+    api_max_batch_images: int = 16
+    """Photos one ``POST /v1/search/batch`` may carry."""
+    val_sample_images: int = 20_000
+    """At most this many validation images are evaluated (whole products, chosen by a hash
+    seeded by ``split_seed``, the same for every model compared): evaluation memory and
+    time stay bounded as the catalog grows."""
+    query_retention_days: float = 0.0
+    """``searchsvc cleanup`` removes logged query photos older than this (0: kept for ever;
+    they are the learning loop's most valuable data)."""
     config_file: Path | None = field(default=None, compare=False)
 
     # Derived locations: one place decides where each thing lives.
@@ -145,10 +171,25 @@ class Settings:
         return self.home / "blobs"
 
     @property
+    def api_key_scopes(self) -> dict[str, str]:
+        """API key -> its scope (``read`` or ``write``), parsed from ``api_keys``."""
+        scopes: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            key, _, scope = entry.rpartition(":")
+            scopes[key] = scope
+        return scopes
+
+    @property
     def workers_write_index(self) -> bool:
         if self.index_writer == "auto":
             return bool(self.qdrant_url)
         return self.index_writer == "worker"
+
+    def secrets(self) -> list[str]:
+        """The credentials these settings hold (URL passwords, the Qdrant API key): what no
+        message may print."""
+        urls = (self.sqlalchemy_url, self.qdrant_url, self.broker_url, self.result_backend_url)
+        return [s for s in (*map(url_password, urls), self.qdrant_api_key) if s]
 
     def describe(self) -> dict[str, str]:
         """Where data lives, for ``searchsvc status`` (secrets left out)."""
@@ -158,11 +199,12 @@ class Settings:
             "qdrant": _redact(self.qdrant_url) or f"embedded:{self.qdrant_path.resolve()}",
             "broker": _redact(self.broker_url) or "in-process",
             "media": str(self.media_dir.resolve()),
+            "pixel_store": self.pixel_store,
             "config_file": str(self.config_file) if self.config_file else "",
         }
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Hide a password in a URL (``user:secret@host`` -> ``user:***@host``)."""
     if "@" not in url or "://" not in url:
         return url
@@ -171,6 +213,28 @@ def _redact(url: str) -> str:
     if ":" in creds:
         creds = creds.split(":", 1)[0] + ":***"
     return f"{scheme}://{creds}@{host}"
+
+
+_redact = redact_url  # the name the storage layer imports
+
+
+def url_password(url: str) -> str:
+    """The password a URL carries (``redis://:secret@host`` -> ``secret``), or ``""``."""
+    if "@" not in url or "://" not in url:
+        return ""
+    creds = url.split("://", 1)[1].rsplit("@", 1)[0]
+    return urllib.parse.unquote(creds.split(":", 1)[1]) if ":" in creds else ""
+
+
+def redact_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every URL password and each of ``secrets`` replaced by ``***``: for
+    messages that quote a URL or a library's error, which may carry either."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+        quoted = urllib.parse.quote(secret, safe="")
+        if quoted != secret:
+            text = text.replace(quoted, "***")
+    return text
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "config_file"}
@@ -234,6 +298,9 @@ def _validate(settings: Settings) -> None:
         "rerank_max_batch_pairs",
         "ingest_tasks_in_flight",
         "embed_max_deliveries",
+        "api_max_request_bytes",
+        "api_max_batch_images",
+        "val_sample_images",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")
@@ -241,18 +308,35 @@ def _validate(settings: Settings) -> None:
         fail("rerank_top_n", "must be greater than 1 (STIR reorders at least two candidates)")
     if settings.rerank_top_n > settings.top_k:
         fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
-    for name in ("rerank_timeout_s", "embed_task_timeout_s", "embed_task_resend_s"):
+    for entry in filter(None, (part.strip() for part in settings.api_keys.split(","))):
+        key, sep, scope = entry.rpartition(":")
+        if not sep or scope not in {"read", "write"} or len(key) < 16:
+            # The keys themselves never go into the message.
+            raise ConfigError(
+                f"{_env_name('api_keys')}: each entry must be KEY:read or KEY:write with a key "
+                "of at least 16 characters"
+            )
+    for name in (
+        "rerank_timeout_s",
+        "embed_task_timeout_s",
+        "embed_task_resend_s",
+        "api_request_timeout_s",
+    ):
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")
     if not 0.0 <= settings.sync_max_delete_fraction <= 1.0:
         fail("sync_max_delete_fraction", "must be between 0 and 1")
+    if not math.isfinite(settings.query_retention_days) or settings.query_retention_days < 0:
+        fail("query_retention_days", "must be a finite number of days, 0 or more")
     if not 0.0 < settings.val_fraction < 1.0:
         fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):
         value = getattr(settings, name)
         if value and "://" not in value:
             fail(name, "must be a URL with a scheme (for example redis://host:6379/0)")
+    if settings.pixel_store == "postgresql" and not settings.database_url.startswith("postgresql"):
+        fail("pixel_store", "postgresql needs SEARCHSVC_DATABASE_URL to name a PostgreSQL database")
     if settings.broker_url and not settings.broker_url.startswith(("redis://", "rediss://")):
         fail("broker_url", "must be a redis:// or rediss:// URL")
     if not settings.collection_alias.replace("_", "").replace("-", "").isalnum():

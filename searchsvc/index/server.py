@@ -16,6 +16,7 @@ from qdrant_client.http.exceptions import (
     UnexpectedResponse,
 )
 
+from searchsvc.core.config import redact_secrets, redact_url, url_password
 from searchsvc.core.errors import IndexBackendError
 from searchsvc.index.base import (
     INDEXED_PAYLOAD_FIELDS,
@@ -66,8 +67,11 @@ class QdrantServerIndex:
                 check_compatibility=False,
             )
         except (ValueError, TypeError) as exc:
-            raise IndexBackendError(f"SEARCHSVC_QDRANT_URL: invalid URL {url!r} ({exc})") from None
-        index = cls(client, where=url)
+            reason = redact_secrets(str(exc), [url_password(url), api_key or ""])
+            raise IndexBackendError(
+                f"SEARCHSVC_QDRANT_URL: invalid URL {redact_url(url)!r} ({reason})"
+            ) from None
+        index = cls(client, where=redact_url(url))
         with index._errors("list collections", None):
             client.get_collections()
         return index

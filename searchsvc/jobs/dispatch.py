@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from searchsvc.core.config import redact_secrets, redact_url, url_password
 from searchsvc.core.errors import BrokerError, SearchsvcError
 
 Payload = dict[str, Any]
@@ -208,6 +209,8 @@ class CeleryDispatcher:
         from celery import Celery
 
         self.broker_url = broker_url
+        self._where = redact_url(broker_url)  # what messages name: never the password
+        self._secrets = [url_password(broker_url), url_password(backend_url)]
         self.app = Celery("searchsvc-client", broker=broker_url, backend=backend_url or broker_url)
         self.app.conf.update(
             task_serializer="json",
@@ -230,7 +233,13 @@ class CeleryDispatcher:
             with self.app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - kombu raises many kinds here
-            raise BrokerError(f"cannot reach the broker at {self.broker_url} ({exc})") from None
+            raise BrokerError(
+                f"cannot reach the broker at {self._where} ({self._scrub(exc)})"
+            ) from None
+
+    def _scrub(self, exc: BaseException) -> str:
+        """A library's error text, which may quote the URL it was given."""
+        return redact_secrets(str(exc), self._secrets)
 
     def queue_consumers(self, queue: str, timeout: float = 2.0) -> list[str]:
         """The workers consuming ``queue`` now, by Celery's broadcast inspection (every
@@ -251,7 +260,9 @@ class CeleryDispatcher:
         try:
             result = self.app.send_task(task_name, args=[payload], queue=queue, expires=expires_s)
         except Exception as exc:  # noqa: BLE001
-            raise BrokerError(f"cannot send {task_name} to {self.broker_url} ({exc})") from None
+            raise BrokerError(
+                f"cannot send {task_name} to {self._where} ({self._scrub(exc)})"
+            ) from None
         return _CeleryHandle(result)
 
     def close(self) -> None:

@@ -71,6 +71,20 @@ class DeleteLimit:
         return "no limit"
 
 
+def parse_delete_limit(text: str) -> DeleteLimit:
+    """``--max-delete``'s value: ``N`` images, or a share of the catalog (``0.3``, ``30%``)."""
+    raw = text.strip()
+    try:
+        if raw.isdigit():
+            return DeleteLimit(count=int(raw))
+        fraction = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:  # also NaN
+        raise ValueError(f"{text!r}: expected a number of images (25) or a share (0.3, 30%)")
+    return DeleteLimit(fraction=fraction)
+
+
 @dataclass
 class IngestSummary:
     run_id: int = 0

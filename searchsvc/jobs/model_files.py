@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from searchsvc.core.config import Settings
 from searchsvc.models.embedder import (
+    EmbedderSpec,
+    EmbeddingNet,
     load_embedding_net,
     new_embedding_net,
     profile_spec,
@@ -38,6 +41,20 @@ def ensure_active_embedder(db: Database, settings: Settings) -> VersionRef:
         return current
     spec = profile_spec(settings.embedder_profile)
     net = new_embedding_net(spec, seed=settings.seed, weights=settings.embedder_weights)
+    try:
+        return _create_first_embedder(db, settings, spec, net)
+    except IntegrityError:
+        # Another process created it between our check and our insert: the database's one
+        # active version per kind (migration 0002) refused ours; serve theirs.
+        winner = active_version(db, ModelKind.EMBEDDER)
+        if winner is None:
+            raise
+        return winner
+
+
+def _create_first_embedder(
+    db: Database, settings: Settings, spec: EmbedderSpec, net: EmbeddingNet
+) -> VersionRef:
     with db.session() as session:
         # Another process may have raced us here: re-check inside the transaction.
         existing = session.scalars(

@@ -18,6 +18,7 @@ from searchsvc.core.config import Settings
 from searchsvc.core.errors import ImageError, SearchsvcError
 from searchsvc.core.images import content_hash, load_pixels, read_image_bytes
 from searchsvc.index import IndexPoint, VectorIndex, point_id_for
+from searchsvc.jobs.boundary import check_candidate_hashes, registered_items
 from searchsvc.jobs.deliveries import DeliveryLedger
 from searchsvc.jobs.wire import (
     EMBED_TASK,
@@ -107,7 +108,11 @@ def _embed_items(
     ok_items: list[EmbedItem] = []
     pixel_rows: list[np.ndarray] = []
     results: dict[int, EmbedResult] = {}
-    for item in items:
+    # The files, products and hashes are the database's, not the message's (boundary).
+    checked = registered_items(ctx.db, items)
+    for image_id, reason in checked.refused.items():
+        results[image_id] = EmbedResult(image_id, error=reason)
+    for item in checked.items.values():
         try:
             data = read_image_bytes(Path(item.path), settings.max_image_bytes)
             if content_hash(data) != item.content_hash:
@@ -171,6 +176,7 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
     if request.size != size:
         raise ValueError(f"query pixels are {request.size}px, STIR v{version.id} takes {size}px")
     query = decode_pixels(request.query_pixels_b64, size)
+    check_candidate_hashes(request.candidate_hashes, ctx.settings.rerank_max_batch_pairs)
     candidates = [ctx.pixels.get(digest, size) for digest in request.candidate_hashes]
     loaded = time.perf_counter()
     distances = [float(d) for d in batcher.run([(query, c) for c in candidates])]

@@ -17,12 +17,14 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -143,7 +145,18 @@ class ModelVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(_TZ, default=utcnow, server_default=func.now())
     promoted_at: Mapped[dt.datetime | None] = mapped_column(_TZ)
 
-    __table_args__ = (Index("ix_model_versions_kind_active", "kind", "active"),)
+    __table_args__ = (
+        Index("ix_model_versions_kind_active", "kind", "active"),
+        # At most one active version per kind, enforced by the database: two processes that
+        # both find no embedder on first use cannot both create an active one.
+        Index(
+            "uq_model_versions_kind_active_only",
+            "kind",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
 
 
 class Image(Base):
@@ -238,3 +251,15 @@ class Feedback(Base):
     query: Mapped[QueryLog] = relationship(back_populates="feedback")
 
     __table_args__ = (Index("ix_feedback_query_id", "query_id"),)
+
+
+class StoredPixels(Base):
+    """Model-ready pixels of the cluster's pixel store (``SEARCHSVC_PIXEL_STORE=postgresql``,
+    :class:`searchsvc.storage.pixels.DatabasePixelStore`): raw ``size x size x 3`` bytes by
+    content hash. Empty under the embedded default, whose pixels are in a local file."""
+
+    __tablename__ = "pixels"
+
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
