@@ -89,6 +89,10 @@ class Settings:
     embed_task_timeout_s: float = 900.0
     """How long the ingest coordinator waits for one embed task before giving up (its rows
     stay pending for the next run)."""
+    task_time_limit_s: float = 300.0
+    """The longest one embed task works, in every pool (solo and threads pools ignore
+    Celery's time limits, so the task checks this deadline itself): past it, the task fails
+    and its images stay pending. Also the prefork pool's soft limit (hard: 60 s later)."""
     embed_task_resend_s: float = 300.0
     """An embed task without a result after this long is sent again (embedding is
     idempotent; the first copy to finish answers): a Redis broker can lose the task of a
@@ -254,7 +258,12 @@ def _validate(settings: Settings) -> None:
         fail("rerank_top_n", "must be greater than 1 (STIR reorders at least two candidates)")
     if settings.rerank_top_n > settings.top_k:
         fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
-    for name in ("rerank_timeout_s", "embed_task_timeout_s", "embed_task_resend_s"):
+    for name in (
+        "rerank_timeout_s",
+        "embed_task_timeout_s",
+        "embed_task_resend_s",
+        "task_time_limit_s",
+    ):
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")

@@ -109,6 +109,7 @@ def switch_embedder(
         in_flight=settings.ingest_tasks_in_flight,
         timeout_s=settings.embed_task_timeout_s,
         resend_after_s=settings.embed_task_resend_s,
+        task_time_limit_s=settings.task_time_limit_s,
         on_result=collected,
         on_failure=task_failed,
         unfinished="the alias was not moved: run the retrain again to finish the re-embedding",

@@ -6,6 +6,7 @@ in-process dispatcher calls them directly. Either way the same code runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,11 @@ from searchsvc.models.cache import ModelCache
 from searchsvc.storage.db import Database, ModelKind
 from searchsvc.storage.pixels import PixelStore
 from searchsvc.storage.versions import version as registered_version
+
+
+class TaskTimeLimitExceeded(SearchsvcError):
+    """A task ran past its own deadline (SEARCHSVC_TASK_TIME_LIMIT_S, or the rerank
+    timeout): it stops, in any pool, and its work is left for a re-run."""
 
 
 @dataclass
@@ -70,9 +76,18 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
             f"embedder version {version.id} writes collection {version.collection}, "
             f"not {request.collection}"
         )
+    settings = ctx.settings
+    deadline = time.monotonic() + settings.task_time_limit_s
+
+    def check_deadline(doing: str) -> None:
+        if time.monotonic() > deadline:
+            raise TaskTimeLimitExceeded(
+                f"embed task past its time limit of {settings.task_time_limit_s:g} s while "
+                f"{doing} (SEARCHSVC_TASK_TIME_LIMIT_S); its images stay pending"
+            )
+
     embedder = ctx.models.embedder(version)
     size = embedder.info.input_size
-    settings = ctx.settings
 
     ok_items: list[EmbedItem] = []
     pixel_rows: list[np.ndarray] = []
@@ -82,6 +97,7 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
     for image_id, reason in checked.refused.items():
         results[image_id] = EmbedResult(image_id, error=reason)
     for item in checked.items.values():
+        check_deadline(f"reading {item.path}")
         try:
             data = read_image_bytes(Path(item.path), settings.max_image_bytes)
             if content_hash(data) != item.content_hash:
@@ -102,7 +118,9 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
         ctx.pixels.put_many(
             (item.content_hash, pixels) for item, pixels in zip(ok_items, pixel_rows, strict=True)
         )
+        check_deadline("about to embed")
         vectors = embedder.embed(np.stack(pixel_rows), batch_size=settings.batch_size)
+        check_deadline("embedding")  # the caller has given up on it: write nothing
         if request.write_index:
             ctx.index.upsert(
                 request.collection,
@@ -148,7 +166,19 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
     check_candidate_hashes(request.candidate_hashes, ctx.settings.rerank_max_batch_pairs)
     candidates = [ctx.pixels.get(digest, size) for digest in request.candidate_hashes]
     loaded = time.perf_counter()
-    distances = [float(d) for d in batcher.run([(query, c) for c in candidates])]
+    # The caller stops waiting after its rerank timeout (and answers from the first
+    # stage); the task stops too, in any pool, instead of holding a thread on the batcher.
+    left_s = ctx.settings.rerank_timeout_s - (loaded - started)
+    future = batcher.submit([(query, c) for c in candidates])
+    try:
+        scores = future.result(timeout=max(0.0, left_s))
+    except concurrent.futures.TimeoutError:
+        future.cancel()  # not scored if its forward has not begun
+        raise TaskTimeLimitExceeded(
+            f"rerank past its deadline of {ctx.settings.rerank_timeout_s:g} s "
+            "(SEARCHSVC_RERANK_TIMEOUT_S)"
+        ) from None
+    distances = [float(d) for d in scores]
     done = time.perf_counter()
     return RerankResponse(
         stir_version=version.id,
