@@ -21,7 +21,7 @@ from searchsvc.index import IndexMode, VectorIndex, open_index
 from searchsvc.jobs.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
 from searchsvc.jobs.ingest import IngestCoordinator, IngestSummary, ProgressCallback
 from searchsvc.jobs.model_files import ensure_active_embedder
-from searchsvc.jobs.switch import SwapReport, switch_embedder
+from searchsvc.jobs.switch import SwapReport, reconcile_alias, switch_embedder
 from searchsvc.jobs.tasks import TaskContext, task_functions
 from searchsvc.models.cache import ModelCache
 from searchsvc.models.embedder import embedder_dim
@@ -134,6 +134,7 @@ class App:
     ) -> IngestSummary:
         index = self.index("write")
         version = ensure_active_embedder(self.db, self.settings)
+        reconcile_alias(self.settings, self.db, index)  # a switch that crashed midway
         coordinator = IngestCoordinator(
             self.settings,
             self.db,
@@ -151,6 +152,7 @@ class App:
     ) -> SwapReport:
         """Re-embed the catalog with ``version_id`` and switch queries to it."""
         index = self.index("write")
+        reconcile_alias(self.settings, self.db, index)
         with _cpu_tasks_single_threaded(self.settings):
             return switch_embedder(
                 self.settings, self.db, index, self.dispatcher, version_id, progress=progress
