@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from catalog_factory import GeneratedCatalog
+from catalog_factory import GeneratedCatalog, make_catalog
 from sqlalchemy import select
 
 from searchsvc.app import App
@@ -108,3 +108,30 @@ def _raises(request: RerankRequest, ctx: TaskContext) -> BaseException:
     with pytest.raises(TaskTimeLimitExceeded) as caught:
         rerank(request, ctx)
     return caught.value
+
+
+@pytest.mark.slow
+def test_the_embed_time_limit_holds_in_a_solo_pool_worker(tmp_path: Path) -> None:
+    """A real `celery worker --pool solo`, which ignores Celery's own time limits."""
+    from test_workers_faults import finish, parse_json
+    from workers_harness import RedisServer, cli_env, searchsvc, start_worker, stop
+
+    catalog = make_catalog(tmp_path / "catalog", products=3, views=2)
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    env = cli_env(
+        tmp_path / "home",
+        {"SEARCHSVC_BROKER_URL": server.url, "SEARCHSVC_TASK_TIME_LIMIT_S": "0.000001"},
+    )
+    worker = start_worker(env, "embed", "embed-solo", pool="solo")
+    try:
+        code, output = finish(searchsvc(env, "ingest", str(catalog.root), "--json"))
+    finally:
+        stop(worker)
+        server.stop()
+    assert code == 0, output
+    summary = parse_json(output)
+    assert summary["images_embedded"] == 0
+    reasons = {p["reason"] for p in summary["problems"]}
+    assert len(summary["problems"]) == 6
+    assert all("left pending" in r and "SEARCHSVC_TASK_TIME_LIMIT_S" in r for r in reasons)
