@@ -167,11 +167,11 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
     candidates = [ctx.pixels.get(digest, size) for digest in request.candidate_hashes]
     loaded = time.perf_counter()
     # The caller stops waiting after its rerank timeout (and answers from the first
-    # stage); the task stops too, in any pool, instead of holding a thread on the batcher.
-    left_s = ctx.settings.rerank_timeout_s - (loaded - started)
+    # stage); the task stops waiting on the shared forward too, in any pool, instead of
+    # holding a thread. (Loading a model, once per process, is not counted against it.)
     future = batcher.submit([(query, c) for c in candidates])
     try:
-        scores = future.result(timeout=max(0.0, left_s))
+        scores = future.result(timeout=ctx.settings.rerank_timeout_s)
     except concurrent.futures.TimeoutError:
         future.cancel()  # not scored if its forward has not begun
         raise TaskTimeLimitExceeded(
