@@ -175,6 +175,7 @@ def main() -> None:
             all_triplets_fraction=args.all_triplets_fraction,
         ),
         validate_embedder=False,
+        save_models=args.save_models,
     )
     timings["total_s"] = time.monotonic() - started
     settings = {

@@ -177,6 +177,7 @@ def main() -> None:
         embedder_config=EmbedderTrainConfig(
             seed=args.seed, precision=args.precision, steps=args.embedder_steps
         ),
+        save_models=args.save_models,
     )
     timings["total_s"] = time.monotonic() - started
     counts.update(

@@ -38,7 +38,7 @@ from searchsvc.models.batcher import MicroBatcher
 from searchsvc.models.embedder import load_embedding_net
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
 from searchsvc.storage.db import Image, ModelKind
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import SqlitePixelStore
 from searchsvc.storage.versions import active_version
 
 
@@ -104,7 +104,7 @@ def main() -> None:
 
         def task_run(cache: bool) -> tuple[float, list[float]]:
             # cold: every candidate's PNG is read and decoded; warm: the in-memory LRU.
-            ctx.pixels = PixelStore(settings.media_dir, cache_bytes=256 << 20 if cache else 0)
+            ctx.pixels = SqlitePixelStore(settings.media_dir, cache_bytes=256 << 20 if cache else 0)
             if cache:
                 for request in requests:
                     for digest in request.candidate_hashes:

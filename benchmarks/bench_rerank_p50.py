@@ -21,7 +21,7 @@ import torch
 from searchsvc.core.profiles import PROFILES
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.stir import StirConfig, StirNet, StirScorer
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import SqlitePixelStore
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     size = spec.input_size
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = PixelStore(Path(tmp), cache_bytes=0)  # every rerank reads its candidates
+        store = SqlitePixelStore(Path(tmp), cache_bytes=0)  # every rerank reads its candidates
         hashes = [f"{n:064x}" for n in range(64)]
         store.put_many(
             (digest, rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for digest in hashes

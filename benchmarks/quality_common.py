@@ -49,9 +49,10 @@ from searchsvc.models.embedder import (
     EmbedderInfo,
     new_embedding_net,
     profile_spec,
+    save_embedder,
 )
 from searchsvc.models.fusion import rerank_order
-from searchsvc.models.stir import StirScorer
+from searchsvc.models.stir import StirScorer, save_stir
 from trainer.augment import resize_pixels
 from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
@@ -128,15 +129,19 @@ class ArrayEvalSet(EvalSet):
 
 class RawPixelEmbedder:
     """The ``raw pixels`` baseline with the :class:`Embedder` interface: the grey value of
-    every pixel (the three channels are equal), L2-normalised."""
+    every pixel (Fashion-MNIST: the three channels are equal) or, with ``colour``, the
+    three channels of every pixel (colour photographs), L2-normalised."""
 
-    def __init__(self, size: int) -> None:
-        self.info = EmbedderInfo(input_size=size, dim=size * size)
+    def __init__(self, size: int, *, colour: bool = False) -> None:
+        self.colour = colour
+        self.info = EmbedderInfo(input_size=size, dim=size * size * (3 if colour else 1))
 
     def embed(self, pixels: np.ndarray, batch_size: int = 4096) -> np.ndarray:
         out = np.empty((len(pixels), self.info.dim), dtype=np.float32)
         for start in range(0, len(pixels), batch_size):
-            chunk = pixels[start : start + batch_size].astype(np.float32).mean(axis=-1)
+            chunk = pixels[start : start + batch_size].astype(np.float32)
+            if not self.colour:
+                chunk = chunk.mean(axis=-1)
             chunk = chunk.reshape(len(chunk), -1)
             norms = np.linalg.norm(chunk, axis=1, keepdims=True)
             out[start : start + batch_size] = chunk / np.maximum(norms, 1e-12)
@@ -243,16 +248,28 @@ def run_comparison(
     embedder_config: EmbedderTrainConfig,
     validate_embedder: bool = True,
     stir_steps: int | None = None,
+    profile: str = PROFILE,
+    raw_colour: bool = False,
+    save_models: Path | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, Any]]:
     """Train the embedder and STIR through the trainer, evaluate every row. Returns
     (rows, training records, eval counts). A budget of None minutes is no deadline (the
-    configs' step counts decide: ``embedder_config.steps``, ``stir_steps``)."""
-    spec = profile_spec(PROFILE)
+    configs' step counts decide: ``embedder_config.steps``, ``stir_steps``). ``profile``:
+    the embedder profile (its input size); ``raw_colour``: the raw-pixel row compares
+    colour pixels (real photographs) rather than grey values; ``save_models``: a folder
+    the trained embedder and STIR (with the fusion weight and pair order validation
+    chose) are saved to, as ``embedder.safetensors`` and ``stir.safetensors``."""
+    spec = profile_spec(profile)
     depth = max([*KS, *TOP_NS])
     rows: dict[str, dict[str, float]] = {}
 
     tick = time.monotonic()
-    raw = rank_chunked(eval_set, RawPixelEmbedder(spec.input_size), depth=depth, chunk=chunk)
+    raw = rank_chunked(
+        eval_set,
+        RawPixelEmbedder(spec.input_size, colour=raw_colour),
+        depth=depth,
+        chunk=chunk,
+    )
     rows["raw pixels"] = raw.base.metrics
     rows.update({f"raw pixels, {k}": v for k, v in perfect_rows(raw, TOP_NS).items()})
     timings["eval_raw_pixels_s"] = time.monotonic() - tick
@@ -331,6 +348,12 @@ def run_comparison(
         f"fusion weight {weight:g}, {'symmetric' if symmetric else 'one way'}"
     )
 
+    if save_models is not None:
+        save_models.mkdir(parents=True, exist_ok=True)
+        save_embedder(net, save_models / "embedder.safetensors")
+        save_stir(stir_net, save_models / "stir.safetensors")
+        log(f"saved the embedder and STIR to {save_models}")
+
     # Both pair orders of every test pair are scored once: the served rows use the rule
     # validation chose, and the lever rows show each rule at its own calibrated weight.
     tick = time.monotonic()
@@ -379,7 +402,7 @@ def run_comparison(
 
     training = {
         "embedder": {
-            "profile": PROFILE,
+            "profile": profile,
             "spec": spec.to_json(),
             "config": embedder_config.resolve(spec).to_json(),
             "result": train_summary(emb_result),
@@ -519,6 +542,11 @@ def common_arguments(
     parser.add_argument("--chunk", type=int, default=1000, help="queries per brute-force block")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--save-models",
+        type=Path,
+        help="save the trained embedder and STIR here (embedder.safetensors, stir.safetensors)",
+    )
 
 
 def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

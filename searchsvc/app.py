@@ -9,6 +9,7 @@ takes one: every service gets its collaborators passed in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +19,17 @@ import torch
 
 from searchsvc.core.config import Settings
 from searchsvc.index import IndexMode, VectorIndex, open_index
-from searchsvc.jobs.dispatch import CeleryDispatcher, Dispatcher, InProcessDispatcher
-from searchsvc.jobs.ingest import IngestCoordinator, IngestSummary, ProgressCallback
+from searchsvc.jobs.dispatch import (
+    CeleryDispatcher,
+    Dispatcher,
+    InProcessDispatcher,
+    check_consumers,
+)
+from searchsvc.jobs.ingest import DeleteLimit, IngestCoordinator, IngestSummary, ProgressCallback
 from searchsvc.jobs.model_files import ensure_active_embedder
 from searchsvc.jobs.switch import SwapReport, reconcile_alias, switch_embedder
 from searchsvc.jobs.tasks import TaskContext, task_functions
+from searchsvc.jobs.wire import EMBED_QUEUE
 from searchsvc.models.cache import ModelCache
 from searchsvc.models.embedder import embedder_dim
 from searchsvc.models.runtime import select_device
@@ -30,7 +37,9 @@ from searchsvc.serving.rerank_stage import StirRerankStage
 from searchsvc.serving.search import QueryRecorder, RerankStage, SearchService
 from searchsvc.serving.status import catalog_status
 from searchsvc.storage.db import Database
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import PixelStore, open_pixel_store
+
+logger = logging.getLogger(__name__)
 
 
 def model_cache(settings: Settings) -> ModelCache:
@@ -54,11 +63,12 @@ def build_task_context(
         def index_factory() -> VectorIndex:
             return open_index(settings, "write")
 
+    db = Database(settings.sqlalchemy_url)
     return TaskContext(
         settings=settings,
-        db=Database(settings.sqlalchemy_url),
+        db=db,
         models=model_cache(settings),
-        pixels=PixelStore(settings.media_dir),
+        pixels=open_pixel_store(settings, db),
         index_factory=index_factory,
     )
 
@@ -89,7 +99,7 @@ class App:
             torch.set_num_threads(settings.torch_threads)
         self.db = Database(settings.sqlalchemy_url)
         self.models = model_cache(settings)
-        self.pixels = PixelStore(settings.media_dir)
+        self.pixels: PixelStore = open_pixel_store(settings, self.db)
         self._index: VectorIndex | None = None
         self._dispatcher: Dispatcher | None = None
         self._local_dispatcher: InProcessDispatcher | None = None
@@ -130,11 +140,25 @@ class App:
         return self._dispatcher
 
     def ingest(
-        self, root: Path, *, sync: bool = False, progress: ProgressCallback | None = None
+        self,
+        root: Path,
+        *,
+        sync: bool = False,
+        progress: ProgressCallback | None = None,
+        max_delete: DeleteLimit | None = None,
+        notice: Callable[[str], None] = logger.warning,
     ) -> IngestSummary:
         index = self.index("write")
         version = ensure_active_embedder(self.db, self.settings)
         reconcile_alias(self.settings, self.db, index)  # a switch that crashed midway
+        if isinstance(self.dispatcher, CeleryDispatcher):
+            check_consumers(
+                self.dispatcher,
+                EMBED_QUEUE,
+                stop=self.settings.ingest_without_worker == "stop",
+                notice=notice,
+                waits_s=self.settings.embed_task_timeout_s,
+            )
         coordinator = IngestCoordinator(
             self.settings,
             self.db,
@@ -145,7 +169,7 @@ class App:
             max_in_flight=self.settings.ingest_tasks_in_flight,
         )
         with _cpu_tasks_single_threaded(self.settings):
-            return coordinator.run(root, sync=sync, progress=progress)
+            return coordinator.run(root, sync=sync, progress=progress, max_delete=max_delete)
 
     def switch_embedder(
         self, version_id: int, progress: Callable[[int, int], None] | None = None
@@ -186,6 +210,12 @@ class App:
     def status(self) -> dict[str, Any]:
         return catalog_status(self.settings, self.db, self.index("read"))
 
+    def check_broker(self) -> None:
+        """Raise BrokerError unless the configured broker answers (cluster mode)."""
+        dispatcher = self.dispatcher  # a Celery dispatcher checks the broker when built
+        if isinstance(dispatcher, CeleryDispatcher):
+            dispatcher.check_broker()
+
     def close(self) -> None:
         self.models.close()
         for dispatcher in (self._dispatcher, self._local_dispatcher):
@@ -195,3 +225,63 @@ class App:
             self._index.close()
         self.pixels.close()
         self.db.dispose()
+
+
+def asgi_app() -> Any:
+    """The HTTP API built from the environment's settings: the factory each
+    ``searchsvc serve --workers N`` replica process runs (cluster settings)."""
+    from searchsvc.core.config import load_settings
+    from searchsvc.serving.http.api import create_api
+
+    return create_api(App(load_settings()))
+
+
+def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
+    """Run the HTTP API until interrupted. Embedded defaults: one process owns the store
+    and announces its address in the home, for the CLI's other commands to reach it."""
+    import socket
+
+    import uvicorn
+
+    from searchsvc.core.errors import ConfigError
+    from searchsvc.serving.http.api import create_api
+    from searchsvc.serving.http.local import announce, withdraw
+
+    embedded = not settings.qdrant_url
+    if workers > 1:
+        if embedded:
+            raise ConfigError(
+                "--workers > 1 needs a Qdrant server (SEARCHSVC_QDRANT_URL): an embedded "
+                "store has one owner process"
+            )
+        uvicorn.run("searchsvc.app:asgi_app", factory=True, host=host, port=port, workers=workers)
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    bound = sock.getsockname()[1]
+    loopback = host in {"127.0.0.1", "localhost", "::1"}
+    app = App(settings)
+    try:
+        api = create_api(app, local_ingest=embedded and loopback)
+        server = uvicorn.Server(uvicorn.Config(api, log_level="info", timeout_keep_alive=30))
+        url_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+        url = (
+            f"http://{url_host}:{bound}" if ":" not in url_host else f"http://[{url_host}]:{bound}"
+        )
+        print(f"searchsvc serving on {url} (page at {url}/)", flush=True)
+        if embedded:
+            announce(settings.home, url)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn has shut down cleanly and re-raises the signal it caught
+        finally:
+            if embedded:
+                withdraw(settings.home)
+    finally:
+        app.close()

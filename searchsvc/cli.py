@@ -57,6 +57,17 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     return load_settings(overrides={k: v for k, v in overrides.items() if v is not None})
 
 
+def _local_server(settings: Settings) -> Any:
+    """The running `searchsvc serve` that owns this home's embedded store, if any: then the
+    command goes through its API (the store opens in one process only)."""
+    from searchsvc.serving.http.local import find_local_server
+
+    server = find_local_server(settings)
+    if server is not None:
+        click.echo(f"(through the server at {server.url})", err=True)
+    return server
+
+
 def _app(settings: Settings) -> Any:
     from searchsvc.app import App  # imports torch: only for commands that need it
 
@@ -82,6 +93,13 @@ def main(ctx: click.Context, home: Path | None) -> None:
 @main.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
 @click.option("--sync", is_flag=True, help="Remove from the index what the catalog no longer has.")
+@click.option(
+    "--max-delete",
+    metavar="N|FRACTION",
+    help="With --sync: remove at most N images (an integer) or this share of the catalog "
+    "(0.5 or 50%%); default SEARCHSVC_SYNC_MAX_DELETE_FRACTION.",
+)
+@click.option("--force", is_flag=True, help="With --sync: no limit on what it removes.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per embed task.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (summary only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -91,6 +109,8 @@ def ingest(
     ctx: click.Context,
     catalog: Path,
     sync: bool,
+    max_delete: str | None,
+    force: bool,
     batch_size: int | None,
     no_progress: bool,
     as_json: bool,
@@ -100,32 +120,37 @@ def ingest(
     CATALOG is a folder with one sub-folder of images per product (named by product id)
     and an optional products.csv or products.jsonl. Re-running skips unchanged images.
     """
-    from searchsvc.storage.catalog import count_image_files, open_catalog
+    from searchsvc.storage.catalog import open_catalog
 
+    if (max_delete is not None or force) and not sync:
+        raise click.UsageError("--max-delete and --force only apply with --sync")
+    if max_delete is not None and force:
+        raise click.UsageError("give --max-delete or --force, not both")
+    limit = _delete_limit(max_delete, force)
     settings = _settings(ctx, batch_size=batch_size)
     open_catalog(catalog)
-    app = _app(settings)
-    try:
-        progress = None
-        bar = None
-        if not no_progress and not as_json:
-            from tqdm import tqdm
+    server = _local_server(settings)
+    if server is not None:
+        from searchsvc.jobs.ingest import IngestSummary
+        from searchsvc.storage.catalog import CatalogProblem
 
-            bar = tqdm(total=count_image_files(catalog), unit="img", desc="ingest", file=sys.stderr)
-
-            def progress(done: int, failed: int) -> None:
-                assert bar is not None
-                bar.update(done - bar.n)
-                bar.set_postfix(failed=failed, refresh=False)
-
-        try:
-            summary = app.ingest(catalog, sync=sync, progress=progress)
-        finally:
-            if bar is not None:
-                bar.close()
-    finally:
-        app.close()
-
+        answer = server.call(
+            "POST",
+            "/v1/ingest",
+            {
+                "catalog": str(catalog.resolve()),
+                "sync": sync,
+                "max_delete": max_delete,
+                "force": force,
+            },
+            timeout=None,
+        )
+        problems = [CatalogProblem(p["item"], p["reason"]) for p in answer.pop("problems")]
+        summary = IngestSummary(**answer, problems=problems)
+    else:
+        summary = _ingest_here(
+            settings, catalog, sync=sync, max_delete=limit, no_progress=no_progress or as_json
+        )
     if as_json:
         click.echo(
             json.dumps(
@@ -153,6 +178,65 @@ def ingest(
             click.echo(f"    {problem.item}: {problem.reason}")
         if summary.problem_count > PROBLEMS_SHOWN:
             click.echo(f"    ... and {summary.problem_count - PROBLEMS_SHOWN} more")
+
+
+def _delete_limit(max_delete: str | None, force: bool) -> Any:
+    """``--max-delete`` / ``--force`` as a DeleteLimit (None: the setting's default)."""
+    from searchsvc.jobs.ingest import DeleteLimit, parse_delete_limit
+
+    if force:
+        return DeleteLimit()
+    if max_delete is None:
+        return None
+    try:
+        return parse_delete_limit(max_delete)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-delete") from None
+
+
+def _ingest_here(
+    settings: Settings, catalog: Path, *, sync: bool, max_delete: Any, no_progress: bool
+) -> Any:
+    """The ingest in this process (no server owns the store), with a progress bar."""
+    from searchsvc.storage.catalog import count_image_files
+
+    app = _app(settings)
+    try:
+        progress = None
+        bar = None
+        if not no_progress:
+            from tqdm import tqdm
+
+            from searchsvc.core.progress import bar_disabled
+
+            bar = tqdm(
+                total=count_image_files(
+                    catalog, follow_outside=settings.follow_symlinks_outside_catalog
+                ),
+                unit="img",
+                desc="ingest",
+                file=sys.stderr,
+                disable=bar_disabled(True),
+            )
+
+            def progress(done: int, failed: int) -> None:
+                assert bar is not None
+                bar.update(done - bar.n)
+                bar.set_postfix(failed=failed, refresh=False)
+
+        try:
+            return app.ingest(
+                catalog,
+                sync=sync,
+                progress=progress,
+                max_delete=max_delete,
+                notice=lambda message: click.echo(f"warning: {message}", err=True),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        app.close()
 
 
 def _parse_filters(values: tuple[str, ...]) -> dict[str, str]:
@@ -201,18 +285,44 @@ def query(
     settings = _settings(ctx)
     wanted = _parse_filters(filters)
     data = read_image_bytes(image, settings.max_image_bytes)
-    app = _app(settings)
-    try:
-        response = app.search_service().query(
-            data,
-            str(image),
-            top_k=top_k,
-            filters=wanted,
-            rerank=False if no_rerank else None,
-            rerank_top_n=rerank_top_n,
+    server = _local_server(settings)
+    if server is not None:
+        import base64
+        import urllib.parse
+
+        from searchsvc.serving.search import QueryResponse
+
+        params = {
+            k: v
+            for k, v in {
+                **wanted,
+                "top_k": top_k,
+                "rerank": "false" if no_rerank else None,
+                "rerank_top_n": rerank_top_n,
+            }.items()
+            if v is not None
+        }
+        response = QueryResponse.from_json(
+            server.call(
+                "POST",
+                "/v1/search?" + urllib.parse.urlencode(params),
+                {"image_b64": base64.b64encode(data).decode()},
+                timeout=settings.api_request_timeout_s + 10,
+            )
         )
-    finally:
-        app.close()
+    else:
+        app = _app(settings)
+        try:
+            response = app.search_service().query(
+                data,
+                str(image),
+                top_k=top_k,
+                filters=wanted,
+                rerank=False if no_rerank else None,
+                rerank_top_n=rerank_top_n,
+            )
+        finally:
+            app.close()
     if as_json:
         click.echo(json.dumps(response.to_json(), indent=2))
         return
@@ -261,11 +371,16 @@ def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool)
     from searchsvc.storage.db import Database
 
     settings = _settings(ctx)
-    db = Database(settings.sqlalchemy_url)
-    try:
-        feedback_id = record_feedback(db, query_id, product_id, positive=not negative)
-    finally:
-        db.dispose()
+    server = _local_server(settings)
+    if server is not None:
+        body = {"query_id": query_id, "product_id": product_id, "positive": not negative}
+        feedback_id = server.call("POST", "/v1/feedback", body, timeout=30)["feedback_id"]
+    else:
+        db = Database(settings.sqlalchemy_url)
+        try:
+            feedback_id = record_feedback(db, query_id, product_id, positive=not negative)
+        finally:
+            db.dispose()
     kind = "negative" if negative else "positive"
     click.echo(f"feedback {feedback_id}: {kind} for product {product_id} on query {query_id}")
 
@@ -277,11 +392,15 @@ def feedback(ctx: click.Context, query_id: str, product_id: str, negative: bool)
 def status(ctx: click.Context, as_json: bool) -> None:
     """Products, images by status, indexed points, active models, where data lives."""
     settings = _settings(ctx)
-    app = _app(settings)
-    try:
-        report = app.status()
-    finally:
-        app.close()
+    server = _local_server(settings)
+    if server is not None:
+        report = server.call("GET", "/v1/status", timeout=30)
+    else:
+        app = _app(settings)
+        try:
+            report = app.status()
+        finally:
+            app.close()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -299,6 +418,53 @@ def status(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"{name}: {where}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Server processes (more than 1 needs a Qdrant server: cluster settings).",
+)
+@click.pass_context
+@handle_errors
+def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
+    """Run the HTTP search API and its page (http://HOST:PORT/; API docs at /docs)."""
+    from searchsvc.app import serve as run_server
+
+    run_server(_settings(ctx), host=host, port=port, workers=workers)
+
+
+@click.option("--apply", is_flag=True, help="Remove what is found (default: a dry run).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def cleanup(ctx: click.Context, apply: bool, as_json: bool) -> None:
+    """Old collections, orphaned pixels, finished retrain runs, query photos past
+    SEARCHSVC_QUERY_RETENTION_DAYS: reported, and removed with --apply."""
+    from searchsvc.jobs.cleanup import cleanup as run_cleanup
+
+    settings = _settings(ctx)
+    app = _app(settings)
+    try:
+        report = run_cleanup(
+            settings,
+            app.db,
+            app.pixels,
+            lambda: app.index("write" if apply else "read"),
+            apply=apply,
+        )
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    for line in report.lines():
+        click.echo(line)
+
+
 @main.command("eval")
 @click.option(
     "--queries",
@@ -310,35 +476,72 @@ def status(ctx: click.Context, as_json: bool) -> None:
     "--split",
     "side",
     type=click.Choice(["val", "train"]),
-    default="val",
-    show_default=True,
-    help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION).",
+    help="Which side of the catalog split (SEARCHSVC_SPLIT_SEED, SEARCHSVC_VAL_FRACTION); "
+    "default val. With --queries: only the photos of that side's products (val: products "
+    "the retrain never trained on); default all photos.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write an HTML report with pictures to REPORT/index.html (opens offline): "
+    "sampled queries beside their top 5 before and after STIR, CMC@k curves, the "
+    "fusion-weight calibration curve.",
+)
+@click.option(
+    "--report-sample",
+    default=12,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Queries the report shows, drawn by --report-seed before any result is seen.",
+)
+@click.option("--report-seed", default=0, show_default=True, type=int)
 @click.pass_context
 @handle_errors
-def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: bool) -> None:
+def eval_command(
+    ctx: click.Context,
+    queries: Path | None,
+    side: str | None,
+    as_json: bool,
+    report_dir: Path | None,
+    report_sample: int,
+    report_seed: int,
+) -> None:
     """Retrieval quality of the serving models: CMC@1/5/10, precision@5, mAP@5/10, for the
     embedder alone and with the active STIR reranking the top 5 and 10 (STIR.md metrics)."""
     from searchsvc.learning import evaluation
 
     settings = _settings(ctx)
+    if report_dir is not None:
+        showcase = _write_eval_report(
+            settings, queries, side, report_dir, report_sample, report_seed
+        )
+        if not as_json:
+            click.echo("\n".join(showcase))
     record: dict[str, Any]
     if queries is not None:
         query_set = evaluation.load_query_set(queries)
+        if side is not None:
+            query_set = evaluation.queries_on_side(query_set, settings, side)
         app = _app(settings)
         try:
             search = app.search_service(app.in_process_rerank_stage(), record_queries=False)
             report = evaluation.evaluate_live(search, query_set, max_bytes=settings.max_image_bytes)
         finally:
             app.close()
-        record = {"source": "live index", "queries": str(queries)}
+        record = {
+            "source": "live index",
+            "queries": str(queries),
+            "products": f"{side} side of the split" if side else "all",
+        }
     else:
+        side = side or "val"
         from searchsvc.storage.db import Database
-        from searchsvc.storage.pixels import PixelStore
+        from searchsvc.storage.pixels import open_pixel_store
 
         database = Database(settings.sqlalchemy_url)
-        pixel_store = PixelStore(settings.media_dir)
+        pixel_store = open_pixel_store(settings, database)
         try:
             report, split = evaluation.evaluate_served_on_split(
                 settings, database, pixel_store, side=side
@@ -358,6 +561,56 @@ def eval_command(ctx: click.Context, queries: Path | None, side: str, as_json: b
     if report.unreadable:
         click.echo(f"  {report.unreadable} images could not be read")
     click.echo(evaluation.format_table({"serving": report}))
+
+
+def _write_eval_report(
+    settings: Settings,
+    queries: Path | None,
+    side: str | None,
+    report_dir: Path,
+    sample: int,
+    seed: int,
+) -> list[str]:
+    """Write the HTML report; returns its sampled queries as text lines."""
+    from searchsvc.learning import evaluation, report
+    from searchsvc.storage.db import Database
+    from searchsvc.storage.pixels import open_pixel_store
+
+    database = Database(settings.sqlalchemy_url)
+    pixel_store = open_pixel_store(settings, database)
+    try:
+        if queries is not None:
+            query_set = evaluation.load_query_set(queries)
+            if side is not None:
+                query_set = evaluation.queries_on_side(query_set, settings, side)
+            eval_set = evaluation.query_photos_eval_set(settings, database, query_set, pixel_store)
+            which = f"of {side}-side products " if side else ""
+            source = f"query photos {which}in {queries} against every indexed catalog image"
+        else:
+            side = side or "val"
+            eval_set, _ = evaluation.split_eval_set(settings, database, pixel_store, side=side)
+            source = (
+                f"catalog split ({side} side): every catalog image queries the others, "
+                "logged query photos query them all"
+            )
+        embedder, stir, models = evaluation.served_models(settings, database)
+        quality = report.build_report(
+            eval_set,
+            embedder,
+            stir,
+            title="searchsvc retrieval quality",
+            source=source,
+            models=models,
+            top_n=settings.rerank_top_n,
+            sample=sample,
+            seed=seed,
+            batch_size=settings.batch_size,
+        )
+    finally:
+        pixel_store.close()
+        database.dispose()
+    page = report.write_report(quality, report_dir)
+    return [f"report: {page}", *report.showcase_lines(quality, eval_set)]
 
 
 @main.command("demo-catalog")

@@ -14,8 +14,10 @@ import yaml
 from searchsvc.core.config import ENV_PREFIX, Settings, load_settings
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
-APP_SERVICES = ("migrate", "embed-worker", "rerank-worker", "cli")
+APP_SERVICES = ("migrate", "embed-worker", "rerank-worker", "api", "cli")
 _DEFAULTED = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):-(?P<default>.*)\}$")
+_REQUIRED = re.compile(r"^\$\{(?P<name>[A-Z0-9_]+):\?(?P<message>.*)\}$")
+EXAMPLE_API_KEYS = "compose-example-key-0001:write"
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,11 @@ def compose() -> dict[str, Any]:
 
 
 def resolved(value: Any) -> str:
-    """The value compose would use with no variables set: the ${VAR:-default} default."""
+    """The value compose would use with no variables set: the ${VAR:-default} default; a
+    ${VAR:?message} (compose refuses to start without it) as an example value."""
     text = str(value)
+    if _REQUIRED.match(text):
+        return EXAMPLE_API_KEYS
     match = _DEFAULTED.match(text)
     return match.group("default") if match else text
 
@@ -48,7 +53,13 @@ def test_services_and_their_commands(compose: dict[str, Any]) -> None:
     devices = services["rerank-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert services["rerank-worker"]["environment"]["SEARCHSVC_DEVICE"] == "cuda"
-    for worker in ("embed-worker", "rerank-worker"):
+    api = services["api"]
+    assert api["command"][:2] == ["searchsvc", "serve"]
+    assert api["command"][api["command"].index("--host") + 1] == "0.0.0.0"
+    probe = " ".join(api["healthcheck"]["test"])
+    assert "/readyz" in probe  # healthy means ready to answer, not only alive
+    assert api["depends_on"]["qdrant"]["condition"] == "service_healthy"
+    for worker in ("embed-worker", "rerank-worker", "api"):
         needs = services[worker]["depends_on"]
         assert needs["migrate"]["condition"] == "service_completed_successfully"
         assert needs["redis"]["condition"] == "service_healthy"
@@ -84,6 +95,7 @@ def _has_credential(service: dict[str, Any]) -> bool:
     command = " ".join(map(str, service.get("command") or []))
     return bool(
         resolved(environment.get("QDRANT__SERVICE__API_KEY", ""))
+        or _REQUIRED.match(str(environment.get("SEARCHSVC_API_KEYS", "")))
         or "--requirepass" in command
         or resolved(environment.get("POSTGRES_PASSWORD", "")) not in ("", "searchsvc")
     )

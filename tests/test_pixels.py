@@ -12,7 +12,7 @@ import pytest
 
 from searchsvc.core.errors import ImageError
 from searchsvc.core.images import content_hash
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import SqlitePixelStore
 
 HASH = content_hash(b"some image")
 
@@ -22,7 +22,7 @@ def pixels(size: int = 16, seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def stored_rows(store: PixelStore) -> list[tuple[str, int, int]]:
+def stored_rows(store: SqlitePixelStore) -> list[tuple[str, int, int]]:
     with sqlite3.connect(store.path) as connection:
         return sorted(
             connection.execute("SELECT content_hash, size, length(data) FROM pixels").fetchall()
@@ -30,12 +30,12 @@ def stored_rows(store: PixelStore) -> list[tuple[str, int, int]]:
 
 
 def test_round_trip_is_exact(tmp_path: Path):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     original = pixels(24)
     assert not store.has(HASH, 24)
     store.put_many([(HASH, original)])
     assert store.has(HASH, 24)
-    restored = PixelStore(tmp_path).get(HASH, 24)  # another instance: from the file
+    restored = SqlitePixelStore(tmp_path).get(HASH, 24)  # another instance: from the file
     assert restored.dtype == np.uint8
     assert restored.shape == (24, 24, 3)
     np.testing.assert_array_equal(restored, original)
@@ -45,7 +45,7 @@ def test_round_trip_is_exact(tmp_path: Path):
 
 
 def test_sizes_are_kept_apart(tmp_path: Path):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     store.put_many([(HASH, pixels(8, seed=1))])
     store.put_many([(HASH, pixels(16, seed=2))])
     np.testing.assert_array_equal(store.get(HASH, 8), pixels(8, seed=1))
@@ -54,16 +54,16 @@ def test_sizes_are_kept_apart(tmp_path: Path):
 
 
 def test_put_is_idempotent(tmp_path: Path):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     store.put_many([(HASH, pixels(16))])
     store.put_many([(HASH, pixels(16, seed=9))])  # same key: content-addressed, kept as is
     store.put_many([(HASH, pixels(16, seed=3)), (HASH, pixels(16, seed=4))])
     assert stored_rows(store) == [(HASH, 16, 16 * 16 * 3)]
-    np.testing.assert_array_equal(PixelStore(tmp_path).get(HASH, 16), pixels(16))
+    np.testing.assert_array_equal(SqlitePixelStore(tmp_path).get(HASH, 16), pixels(16))
 
 
 def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     good = [(content_hash(bytes([n])), pixels(8, n)) for n in range(3)]
     with pytest.raises(ValueError, match="uint8"):
         store.put_many([*good, ("bad", pixels(8).astype(np.float32))])
@@ -75,7 +75,7 @@ def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path):
 def test_a_failed_transaction_leaves_nothing_and_the_store_usable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     store.put_many([("before", pixels(8))])
     connection = store._connection()  # this thread's connection
 
@@ -99,7 +99,7 @@ def test_a_failed_transaction_leaves_nothing_and_the_store_usable(
 
 
 def _write_many(root: str, worker: int, count: int) -> None:
-    store = PixelStore(Path(root))
+    store = SqlitePixelStore(Path(root))
     for n in range(count):
         store.put_many(
             [(f"w{worker}-{n}-{k}", pixels(8, worker * 1000 + n * 10 + k)) for k in range(4)]
@@ -115,13 +115,13 @@ def test_several_processes_write_at_once(tmp_path: Path):
     for process in workers:
         process.join(timeout=120)
         assert process.exitcode == 0
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     assert len(stored_rows(store)) == 3 * 25 * 4
     np.testing.assert_array_equal(store.get("w2-24-3", 8), pixels(8, 2000 + 240 + 3))
 
 
 def test_get_missing_raises_image_error(tmp_path: Path):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     with pytest.raises(ImageError) as info:
         store.get(HASH, 16)
     assert "not found" in info.value.reason
@@ -129,16 +129,16 @@ def test_get_missing_raises_image_error(tmp_path: Path):
 
 
 def test_get_wrong_length_raises_image_error(tmp_path: Path):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     store.put_many([(HASH, pixels(16))])
     with sqlite3.connect(store.path) as connection:  # a foreign or damaged row
         connection.execute("UPDATE pixels SET data = ? WHERE content_hash = ?", (b"x" * 17, HASH))
     with pytest.raises(ImageError, match="17 bytes, expected 16x16x3"):
-        PixelStore(tmp_path).get(HASH, 16)
+        SqlitePixelStore(tmp_path).get(HASH, 16)
 
 
 def test_put_refuses_pixels_that_are_not_square_uint8_rgb(tmp_path: Path):
-    store = PixelStore(tmp_path)
+    store = SqlitePixelStore(tmp_path)
     with pytest.raises(ValueError, match="uint8"):
         store.put_many([(HASH, pixels(8).astype(np.float32))])
     with pytest.raises(ValueError, match=r"\(S, S, 3\)"):
@@ -149,7 +149,7 @@ def test_put_refuses_pixels_that_are_not_square_uint8_rgb(tmp_path: Path):
 
 def test_recent_pixels_are_served_from_memory_within_the_byte_budget(tmp_path: Path) -> None:
     pixel_bytes = 8 * 8 * 3
-    store = PixelStore(tmp_path, cache_bytes=2 * pixel_bytes)
+    store = SqlitePixelStore(tmp_path, cache_bytes=2 * pixel_bytes)
     rng = np.random.default_rng(0)
     arrays = {
         f"{n:02d}" + "a" * 62: rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for n in range(3)

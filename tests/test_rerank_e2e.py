@@ -25,7 +25,7 @@ from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.stir import StirConfig, StirNet, load_stir, save_stir
 from searchsvc.storage.db import Database, QueryLog
 from searchsvc.storage.db import Image as ImageRow
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import SqlitePixelStore
 
 S = PROFILES["small"].input_size
 TRUE, DECOY = "p001", "p002"
@@ -62,7 +62,7 @@ def ambiguous_query(catalog: GeneratedCatalog, tmp_path: Path) -> tuple[Path, di
 def train_stir_that_knows(home: Path, query: Path, first_stage: dict[str, Any]) -> Path:
     """A tiny STIR taught this query's pairs: TRUE's images match, the other top-5 don't."""
     settings = load_settings(env={"SEARCHSVC_HOME": str(home)})
-    pixels = PixelStore(settings.media_dir)
+    pixels = SqlitePixelStore(settings.media_dir)
     db = Database(settings.sqlalchemy_url)
     head = [r["product_id"] for r in first_stage["results"][:5]]
     with db.session() as session:

@@ -19,7 +19,7 @@ from searchsvc.jobs.tasks import TaskContext, TaskTimeLimitExceeded, rerank
 from searchsvc.jobs.wire import RerankRequest, encode_pixels
 from searchsvc.models.batcher import MicroBatcher
 from searchsvc.storage.db import Database, Image, ImageStatus, ModelKind, ModelVersion
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import SqlitePixelStore
 
 
 def test_an_embed_task_past_its_time_limit_stops_and_leaves_its_images_pending(
@@ -57,7 +57,7 @@ def test_a_rerank_task_stops_at_its_deadline_and_its_pairs_are_never_scored(
                 kind=ModelKind.STIR, arch="stir:slow", file="s.safetensors", active=True, config={}
             )
         )
-    pixels = PixelStore(tmp_path / "media")
+    pixels = SqlitePixelStore(tmp_path / "media")
     digest = "ab" * 32
     pixels.put_many([(digest, np.zeros((SIZE, SIZE, 3), np.uint8))])
     release, entered = threading.Event(), threading.Event()

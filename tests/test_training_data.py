@@ -20,7 +20,7 @@ from searchsvc.learning.training_data import (
     split_of,
 )
 from searchsvc.storage.db import Database, Feedback, Image, ImageStatus, Product, QueryLog
-from searchsvc.storage.pixels import PixelStore
+from searchsvc.storage.pixels import SqlitePixelStore
 
 
 def _photo(path: Path, value: int) -> Path:
@@ -152,7 +152,7 @@ def test_a_validation_side_without_queries_is_refused(db: Database) -> None:
 
 
 def test_pixels_from_the_store_or_the_original(settings: Settings, tmp_path: Path) -> None:
-    store = PixelStore(settings.media_dir)
+    store = SqlitePixelStore(settings.media_dir)
     original = _photo(tmp_path / "x.png", 90)
     store.put_many([("cached", np.full((32, 32, 3), 7, np.uint8))])
     loader = PixelLoader(10**7, 10**8, store)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.augment import resize_pixels
+from trainer.pixel_rows import PixelRows
 
 
 @dataclass(frozen=True)
@@ -15,13 +16,14 @@ class TrainSet:
     """Training pixels and integer labels (``-1``: an unlabelled image, never sampled as
     an anchor: a query photo that only serves a logged hard negative)."""
 
-    pixels: np.ndarray
-    """``(N, L, L, 3)`` uint8, decoded at the load size (a little over the input size)."""
+    pixels: np.ndarray | PixelRows
+    """``(N, L, L, 3)`` uint8, decoded at the load size (a little over the input size): in
+    memory, or rows on disk read a batch at a time (:class:`PixelRows`, the retrain's)."""
     labels: np.ndarray
     """``(N,)`` int64."""
 
     @classmethod
-    def from_names(cls, pixels: np.ndarray, names: Sequence[str | None]) -> TrainSet:
+    def from_names(cls, pixels: np.ndarray | PixelRows, names: Sequence[str | None]) -> TrainSet:
         ids: dict[str, int] = {}
         labels = np.array(
             [-1 if n is None else ids.setdefault(n, len(ids)) for n in names], dtype=np.int64
@@ -34,6 +36,7 @@ class TrainSet:
         if self.labels.shape != (len(self.pixels),):
             raise ValueError(f"{len(self.labels)} labels for {len(self.pixels)} images")
 
-    def eval_pixels(self, size: int) -> np.ndarray:
-        """The images as the query path sees them: whole, resized to ``size`` (uint8)."""
-        return resize_pixels(self.pixels, size)
+    def eval_pixels(self, size: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Images ``start:stop`` as the query path sees them: whole, resized to ``size``
+        (uint8)."""
+        return resize_pixels(self.pixels[start:stop], size)

@@ -43,6 +43,7 @@ from searchsvc.core.config import Settings, load_settings
 from searchsvc.core.errors import SearchsvcError
 from searchsvc.core.files import config_path_for
 from searchsvc.core.profiles import EmbedderSpec
+from searchsvc.core.progress import bar_disabled
 from searchsvc.jobs.model_files import ensure_active_embedder
 from searchsvc.jobs.switch import SwapReport, switch_stir
 from searchsvc.learning.evaluation import (
@@ -65,6 +66,7 @@ from searchsvc.learning.training_data import (
     load_training_data,
     refs_of,
     require_val_queries,
+    sample_validation,
     split_data,
 )
 from searchsvc.models.embedder import (
@@ -82,9 +84,12 @@ from searchsvc.storage.versions import VersionRef, active_version, merge_metrics
 from trainer.data import TrainSet
 from trainer.embedder import EmbedderTrainConfig, train_embedder
 from trainer.loop import Budget, Log, TrainResult, stderr_log
+from trainer.pixel_rows import write_pixel_rows
 from trainer.samplers import BalancedBatchSampler
 from trainer.stir import StirTrainConfig, choose_scoring, frozen_embeddings, train_stir
 
+TRAIN_PIXELS = "train-pixels.u8"
+"""The run folder's training pixels (:func:`trainer.pixel_rows.write_pixel_rows`)."""
 MIN_STIR_SHARE = 0.1
 """STIR is not started with less than this share of the budget left (it would return its
 untrained start, which the gate refuses anyway)."""
@@ -108,6 +113,8 @@ class RetrainConfig:
     """False: train, evaluate and record candidates, but put nothing in service."""
     split_seed: int = 0
     val_fraction: float = 0.2
+    val_sample_images: int = 20_000
+    """The validation side is cut to this many images (:func:`sample_validation`)."""
     gate_metric: str = "cmc@1"
     gate_margin: float = 0.01
     """Absolute (metrics are in [0, 1]): 0.01 is one point of CMC@1."""
@@ -133,6 +140,7 @@ class RetrainConfig:
         base = cls(
             split_seed=settings.split_seed,
             val_fraction=settings.val_fraction,
+            val_sample_images=settings.val_sample_images,
             embedder=EmbedderTrainConfig(
                 seed=settings.seed, device=settings.device, precision=settings.precision
             ),
@@ -289,7 +297,10 @@ def retrain(
         data = data or load_training_data(services.db)
         if not any(i.source == "catalog" for i in data.images):
             raise SearchsvcError("no indexed catalog images: run 'searchsvc ingest CATALOG' first")
-        split = split_data(data, seed=config.split_seed, val_fraction=config.val_fraction)
+        split = sample_validation(
+            split_data(data, seed=config.split_seed, val_fraction=config.val_fraction),
+            config.val_sample_images,
+        )
         require_val_queries(split)
         serving = ensure_active_embedder(services.db, settings)
         serving_stir = active_version(services.db, ModelKind.STIR)
@@ -318,7 +329,9 @@ def retrain(
         state = _RunState(run_dir, fingerprint, fresh=not config.resume)
         loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, services.pixels)
         val_set = EvalSet.from_split(split, loader)
-        train_set, negatives = _training_pixels(split, loader, load_size, config.progress, log)
+        train_set, negatives = _training_pixels(
+            split, loader, load_size, config.progress, log, run_dir / TRAIN_PIXELS
+        )
         run = _Run(settings, config, services, state, data, split, val_set, train_set, run_dir, log)
         share = config.embedder_share if config.only == "both" else 1.0
         total = Budget(None if budget_s is None else started + budget_s)
@@ -357,6 +370,7 @@ def retrain(
         )
         for leftover in run_dir.glob("*.safetensors"):  # registered versions hold copies
             _remove_checkpoint(leftover)
+        (run_dir / TRAIN_PIXELS).unlink(missing_ok=True)  # as large as the training side
         return report
     finally:
         if own_app is not None:
@@ -402,11 +416,17 @@ def _plan(config: RetrainConfig, split: DataSplit, budget_s: float | None) -> di
 
 
 def _training_pixels(
-    split: DataSplit, loader: PixelLoader, load_size: int, progress: bool, log: Log
+    split: DataSplit,
+    loader: PixelLoader,
+    load_size: int,
+    progress: bool,
+    log: Log,
+    path: Path,
 ) -> tuple[TrainSet, np.ndarray]:
-    """The training side's pixels (decoded from the originals at the load size, held in
-    memory: N x L x L x 3 bytes) and the logged hard negatives as item index pairs; query
-    photos that only appear in a hard negative are added unlabelled."""
+    """The training side's pixels (decoded at the load size into rows on disk at ``path``,
+    read a batch at a time: :mod:`trainer.pixel_rows`) and the logged hard negatives as
+    item index pairs; query photos that only appear in a hard negative are added
+    unlabelled."""
     from tqdm import tqdm
 
     items: list[LabelledImage | None] = list(split.train)
@@ -422,8 +442,10 @@ def _training_pixels(
             refs.append((neg.query_path, neg.query_hash))
             items.append(None)
         pairs.append((by_query[neg.query_id], by_image[neg.negative_image_id]))
-    with tqdm(total=len(refs), desc="pixels", unit="img", disable=not progress) as bar:
-        pixels, ok = loader.many(refs, load_size, progress=lambda n: bar.update(n - bar.n))
+    with tqdm(total=len(refs), desc="pixels", unit="img", disable=bar_disabled(progress)) as bar:
+        pixels, ok = write_pixel_rows(
+            path, loader, refs, load_size, progress=lambda n: bar.update(n - bar.n)
+        )
     names = [None if item is None else item.label for item in items]
     if not ok.all():
         unread = [str(refs[k][0]) for k in np.flatnonzero(~ok)]
@@ -447,7 +469,7 @@ def _training_pixels(
     negatives = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     negatives = remap[negatives]
     negatives = negatives[(negatives >= 0).all(axis=1)]
-    return TrainSet.from_names(pixels[keep], [names[k] for k in keep]), negatives
+    return TrainSet.from_names(pixels, [names[k] for k in keep]), negatives
 
 
 def _training_record(
@@ -531,6 +553,7 @@ def _run_stage(run: _Run, stage: _Stage[Net]) -> tuple[StageOutcome, Net]:
         candidate_file,
         metrics={
             "validation": verdict.candidate.to_json(),
+            "val_sample": run.split.val_sample,
             "baseline": {"version": verdict.baseline_version, **verdict.baseline.to_json()},
             "gate": decision.to_json(),
             "promoted": False,
@@ -738,7 +761,7 @@ def _promote_embedder_stage(run: _Run, outcome: StageOutcome) -> None:
     assert outcome.candidate_version is not None
     if not stage.get("swapped"):
         run.log(f"embedder: re-embedding the catalog with v{outcome.candidate_version}")
-        with tqdm(desc="re-embed", unit="img", disable=not run.config.progress) as bar:
+        with tqdm(desc="re-embed", unit="img", disable=bar_disabled(run.config.progress)) as bar:
 
             def report(done: int, total: int) -> None:
                 bar.total = total

@@ -132,6 +132,10 @@ class StirTrainConfig:
 # ----------------------------------------------------------------------------- the frozen part
 
 
+EMBED_CHUNK = 16 * 256
+"""Training images resized and embedded at once by :func:`frozen_embeddings`."""
+
+
 def frozen_embeddings(
     embedder_net: EmbeddingNet,
     data: TrainSet,
@@ -147,7 +151,13 @@ def frozen_embeddings(
         if cached.shape[0] == len(data.labels):
             return cached
     embedder = Embedder(_copy(embedder_net), device=device, precision=precision)
-    vectors = embedder.embed(data.eval_pixels(embedder.info.input_size), batch_size=256)
+    # A chunk at a time (a multiple of the embedding batch, so the batches, and so the
+    # vectors, are the ones a single call would make): memory follows the chunk.
+    size, n = embedder.info.input_size, len(data.labels)
+    vectors = np.empty((n, embedder.info.dim), dtype=np.float32)
+    for start in range(0, n, EMBED_CHUNK):
+        stop = min(start + EMBED_CHUNK, n)
+        vectors[start:stop] = embedder.embed(data.eval_pixels(size, start, stop), batch_size=256)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"embeddings": vectors}, str(cache_path))

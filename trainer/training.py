@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from searchsvc.core.progress import bar_disabled
 from searchsvc.models.runtime import pixels_to_tensor
 from trainer.augment import random_resized_crop
 from trainer.loop import (
@@ -198,7 +199,9 @@ def run_training(
         # Stepping stops while the last validation still fits in the budget.
         return budget.expired(run.val_seconds if validate is not None else 0.0)
 
-    bar = tqdm(total=run.planned, initial=run.step, desc=name, unit="step", disable=not progress)
+    bar = tqdm(
+        total=run.planned, initial=run.step, desc=name, unit="step", disable=bar_disabled(progress)
+    )
     # A step's time is measured end to end (from the previous step's end), so that what
     # happens between steps (a new epoch's batches, its log line) is planned for too.
     step_times: list[float] = []

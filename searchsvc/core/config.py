@@ -29,7 +29,11 @@ ENV_PREFIX = "SEARCHSVC_"
 Device = Literal["auto", "cpu", "cuda"]
 IndexWriter = Literal["auto", "coordinator", "worker"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+WithoutWorker = Literal["wait", "stop"]
+PixelStoreKind = Literal["sqlite", "postgresql"]
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "WithoutWorker": get_args(WithoutWorker),
+    "PixelStoreKind": get_args(PixelStoreKind),
     "Device": get_args(Device),
     "IndexWriter": get_args(IndexWriter),
     "Precision": get_args(Precision),
@@ -53,6 +57,10 @@ class Settings:
     """Celery result backend; empty means the broker URL."""
     media_root: Path | None = None
     """Content-addressed preprocessed pixels for the reranker; default ``home/media``."""
+    pixel_store: PixelStoreKind = "sqlite"
+    """Where the reranker's pixels live (:mod:`searchsvc.storage.pixels`): ``sqlite``, one
+    file in the media folder, shared by one host's processes; ``postgresql``, the
+    ``pixels`` table of ``database_url``, shared by every host of a cluster."""
     collection_alias: str = "images"
     embedder_profile: str = "small"
     embedder_weights: Path | None = None
@@ -97,15 +105,47 @@ class Settings:
     """An embed task without a result after this long is sent again (embedding is
     idempotent; the first copy to finish answers): a Redis broker can lose the task of a
     worker that died (:func:`searchsvc.jobs.dispatch.result_with_resends`)."""
+    ingest_without_worker: WithoutWorker = "wait"
+    """With a broker, when no worker consumes the embed queue as an ingest starts: say so at
+    once and ``wait`` for one (up to ``embed_task_timeout_s`` per task), or ``stop``."""
+    embed_max_deliveries: int = 3
+    """An image whose embedding was under way when its worker died (killed for memory, a
+    segfault) this many times is recorded as failed instead of being sent again forever."""
     task_visibility_timeout_s: float = 3600.0
     """Redis broker: a task taken by a worker that died unacknowledged is handed to another
     worker after this long."""
+    follow_symlinks_outside_catalog: bool = False
+    """Read a catalog's symbolic links whose target lies outside the catalog folder. Off:
+    such links are named in the ingest summary and never read."""
+    sync_max_delete_fraction: float = 0.25
+    """``ingest --sync`` refuses to remove more than this share of a catalog's live images
+    (an empty or half-mounted share looks like a catalog whose images were all deleted);
+    ``--max-delete`` or ``--force`` overrides it for one run."""
     seed: int = 0
     split_seed: int = 0
     """Seed of the train/validation split by product (retrain and ``searchsvc eval``)."""
     val_fraction: float = 0.2
     """Share of the products held out for validation: model selection and the promotion
     gate; never trained on."""
+    api_keys: str = ""
+    """Keys of the HTTP API (``searchsvc serve``): comma-separated ``KEY:SCOPE`` pairs, scope
+    ``read`` (search, similar, feedback, status) or ``write`` (also product updates and
+    ingests). Empty: no key is asked, for a server on the loopback interface."""
+    api_cors_origins: str = ""
+    """Browser origins allowed to call the API, comma-separated; empty: CORS off."""
+    api_max_request_bytes: int = 20 * 1024 * 1024
+    """Largest request body the API reads (413 above it)."""
+    api_request_timeout_s: float = 30.0
+    """How long the API works on one search or product update before answering 408."""
+    api_max_batch_images: int = 16
+    """Photos one ``POST /v1/search/batch`` may carry."""
+    val_sample_images: int = 20_000
+    """At most this many validation images are evaluated (whole products, chosen by a hash
+    seeded by ``split_seed``, the same for every model compared): evaluation memory and
+    time stay bounded as the catalog grows."""
+    query_retention_days: float = 0.0
+    """``searchsvc cleanup`` removes logged query photos older than this (0: kept for ever;
+    they are the learning loop's most valuable data)."""
     config_file: Path | None = field(default=None, compare=False)
 
     # Derived locations: one place decides where each thing lives.
@@ -135,6 +175,15 @@ class Settings:
         return self.home / "blobs"
 
     @property
+    def api_key_scopes(self) -> dict[str, str]:
+        """API key -> its scope (``read`` or ``write``), parsed from ``api_keys``."""
+        scopes: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in self.api_keys.split(","))):
+            key, _, scope = entry.rpartition(":")
+            scopes[key] = scope
+        return scopes
+
+    @property
     def workers_write_index(self) -> bool:
         if self.index_writer == "auto":
             return bool(self.qdrant_url)
@@ -154,6 +203,7 @@ class Settings:
             "qdrant": _redact(self.qdrant_url) or f"embedded:{self.qdrant_path.resolve()}",
             "broker": _redact(self.broker_url) or "in-process",
             "media": str(self.media_dir.resolve()),
+            "pixel_store": self.pixel_store,
             "config_file": str(self.config_file) if self.config_file else "",
         }
 
@@ -251,6 +301,10 @@ def _validate(settings: Settings) -> None:
         "top_k",
         "rerank_max_batch_pairs",
         "ingest_tasks_in_flight",
+        "embed_max_deliveries",
+        "api_max_request_bytes",
+        "api_max_batch_images",
+        "val_sample_images",
     ):
         if getattr(settings, name) <= 0:
             fail(name, "must be a positive integer")
@@ -258,21 +312,36 @@ def _validate(settings: Settings) -> None:
         fail("rerank_top_n", "must be greater than 1 (STIR reorders at least two candidates)")
     if settings.rerank_top_n > settings.top_k:
         fail("rerank_top_n", f"must be at most SEARCHSVC_TOP_K ({settings.top_k})")
+    for entry in filter(None, (part.strip() for part in settings.api_keys.split(","))):
+        key, sep, scope = entry.rpartition(":")
+        if not sep or scope not in {"read", "write"} or len(key) < 16:
+            # The keys themselves never go into the message.
+            raise ConfigError(
+                f"{_env_name('api_keys')}: each entry must be KEY:read or KEY:write with a key "
+                "of at least 16 characters"
+            )
     for name in (
         "rerank_timeout_s",
         "embed_task_timeout_s",
         "embed_task_resend_s",
         "task_time_limit_s",
+        "api_request_timeout_s",
     ):
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")
+    if not 0.0 <= settings.sync_max_delete_fraction <= 1.0:
+        fail("sync_max_delete_fraction", "must be between 0 and 1")
+    if not math.isfinite(settings.query_retention_days) or settings.query_retention_days < 0:
+        fail("query_retention_days", "must be a finite number of days, 0 or more")
     if not 0.0 < settings.val_fraction < 1.0:
         fail("val_fraction", "must be between 0 and 1 (exclusive)")
     for name in ("database_url", "qdrant_url", "broker_url", "result_backend_url"):
         value = getattr(settings, name)
         if value and "://" not in value:
             fail(name, "must be a URL with a scheme (for example redis://host:6379/0)")
+    if settings.pixel_store == "postgresql" and not settings.database_url.startswith("postgresql"):
+        fail("pixel_store", "postgresql needs SEARCHSVC_DATABASE_URL to name a PostgreSQL database")
     if settings.broker_url and not settings.broker_url.startswith(("redis://", "rediss://")):
         fail("broker_url", "must be a redis:// or rediss:// URL")
     if not settings.collection_alias.replace("_", "").replace("-", "").isalnum():

@@ -2,14 +2,16 @@
 
 Every failure raises :class:`ImageError` naming the source and the reason: a missing or
 oversized file, bytes that are not an image of an allowed format, a truncated file, an image
-over the pixel limit (a decompression bomb, checked from the header *before* decoding), or a
-mode we cannot turn into RGB.
+over the pixel limit (a decompression bomb, checked from the header *before* decoding), a
+mode we cannot turn into RGB, or any other exception a decoder plugin raises (a crafted file
+can reach code paths that raise ``struct.error``, ``RuntimeError``...: it fails alone).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import stat
 import warnings
 from pathlib import Path
@@ -32,17 +34,14 @@ def content_hash(data: bytes) -> str:
 
 
 def read_image_bytes(path: Path, max_bytes: int) -> bytes:
-    """Read a file, refusing one larger than ``max_bytes`` before reading it."""
+    """Read a regular file, refusing one larger than ``max_bytes`` before reading it.
+
+    Opened non-blocking and checked on the open descriptor: a named pipe (which would block
+    a plain open until a writer comes) or a device put where an image was is refused, not
+    waited on, even if it replaced the file after the catalog was listed.
+    """
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError  # before the size checks: a folder's size means nothing
-        size = info.st_size
-        if size > max_bytes:
-            raise ImageError(str(path), f"file is {size} bytes, over the limit of {max_bytes}")
-        if size == 0:
-            raise ImageError(str(path), "file is empty")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ImageError(str(path), "file not found") from None
     except IsADirectoryError:
@@ -51,6 +50,43 @@ def read_image_bytes(path: Path, max_bytes: int) -> bytes:
         raise ImageError(str(path), "permission denied") from None
     except OSError as exc:
         raise ImageError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):  # before the size checks: its size means nothing
+            raise ImageError(str(path), "is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(str(path), "not a regular file (a pipe or a device); not read")
+        size = info.st_size
+        if size > max_bytes:
+            raise ImageError(str(path), f"file is {size} bytes, over the limit of {max_bytes}")
+        if size == 0:
+            raise ImageError(str(path), "file is empty")
+        handle = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        try:
+            data = _read_at_most(handle, max_bytes + 1)
+        except OSError as exc:
+            raise ImageError(str(path), f"cannot read file ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:  # it grew after the check
+        raise ImageError(str(path), f"file is over the limit of {max_bytes} bytes")
+    if not data:
+        raise ImageError(str(path), "file is empty")
+    return data
+
+
+def _read_at_most(handle: io.RawIOBase, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def decode_image(
@@ -71,6 +107,8 @@ def decode_image(
         raise ImageError(source, "not a recognised image file") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as exc:
         raise ImageError(source, _failure_reason("cannot open image", exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's own bug (struct.error, ...) is this file's
+        raise ImageError(source, _unexpected("opening", exc)) from None
 
     if image.format not in ALLOWED_FORMATS:
         raise ImageError(source, f"image format {image.format} is not accepted")
@@ -95,6 +133,18 @@ def decode_image(
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(source, _failure_reason("cannot decode image", exc)) from None
+    except Exception as exc:  # noqa: BLE001 - see above: it fails this image, not its batch
+        raise ImageError(source, _unexpected("decoding", exc)) from None
+
+
+def _unexpected(step: str, exc: Exception) -> str:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return f"the decoder failed while {step} ({name}: {exc})"
 
 
 def _failure_reason(default: str, exc: BaseException) -> str:

@@ -81,6 +81,25 @@ PROFILES: Mapping[str, EmbedderSpec] = MappingProxyType(
             std=(0.5, 0.5, 0.5),
             stem="conv",
         ),
+        # The small profile at twice the input side: 64x64 pixels, a three-layer conv stem
+        # (patch 8) down to the same 8x8 token grid, the same width and depth. The blocks
+        # cost what the small profile's cost; only the stem sees 4x the pixels. For
+        # catalogs of colour photographs whose detail 32 px loses (benchmarks/results/
+        # input_size/ has the side-by-side figures).
+        "small64": EmbedderSpec(
+            timm_name="vit_small_patch16_224",
+            input_size=64,
+            timm_kwargs={
+                "img_size": 64,
+                "patch_size": 8,
+                "embed_dim": 128,
+                "depth": 6,
+                "num_heads": 4,
+            },
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            stem="conv",
+        ),
         # The production default: DINO ViT-S/16, 384-d, as in the STIR paper.
         "vit_s16": EmbedderSpec(
             timm_name="vit_small_patch16_224.dino",

@@ -112,6 +112,35 @@ def result_with_resends(
             resends_from += resend_after_s
 
 
+class NoWorkerError(SearchsvcError):
+    """No worker is consuming a queue that work is about to be sent to."""
+
+
+def check_consumers(
+    dispatcher: CeleryDispatcher,
+    queue: str,
+    *,
+    stop: bool,
+    notice: Callable[[str], None],
+    waits_s: float,
+) -> None:
+    """Say at once when no worker consumes ``queue``: a task sent there would wait, with
+    no word, until its timeout. ``stop``: raise :class:`NoWorkerError`; else tell
+    ``notice`` and go on (the tasks wait in the queue for a worker to start)."""
+    if dispatcher.queue_consumers(queue):
+        return
+    message = (
+        f"no worker is consuming the '{queue}' queue (start one: celery -A workers.celery_app "
+        f"worker -Q {queue})"
+    )
+    if stop:
+        raise NoWorkerError(f"{message}; stopped (SEARCHSVC_INGEST_WITHOUT_WORKER=stop)")
+    notice(
+        f"{message}; waiting up to {waits_s:g} s per task for one to start "
+        "(SEARCHSVC_INGEST_WITHOUT_WORKER=stop stops instead)"
+    )
+
+
 class _FutureHandle:
     def __init__(self, future: concurrent.futures.Future[Payload]) -> None:
         self._future = future
@@ -230,6 +259,19 @@ class CeleryDispatcher:
     def _scrub(self, exc: BaseException) -> str:
         """A library's error text, which may quote the URL it was given."""
         return redact_secrets(str(exc), self._secrets)
+
+    def queue_consumers(self, queue: str, timeout: float = 2.0) -> list[str]:
+        """The workers consuming ``queue`` now, by Celery's broadcast inspection (every
+        worker answers it unless started ``--without-control``)."""
+        try:
+            replies = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        except Exception as exc:  # noqa: BLE001 - kombu raises many kinds here
+            raise BrokerError(f"cannot ask the broker for its workers ({exc})") from None
+        return sorted(
+            worker
+            for worker, queues in replies.items()
+            if any(isinstance(q, dict) and q.get("name") == queue for q in queues or ())
+        )
 
     def submit(
         self, task_name: str, payload: Payload, *, queue: str, expires_s: float | None = None

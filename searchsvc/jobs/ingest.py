@@ -12,13 +12,14 @@ point ids come from the content, so a repeated upsert overwrites instead of dupl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, tuple_, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, StatementError
+from sqlalchemy.orm import Session
 
 from searchsvc.core.config import Settings
 from searchsvc.core.errors import ImageError, SearchsvcError
@@ -31,6 +32,7 @@ from searchsvc.storage.catalog import (
     CatalogImage,
     CatalogProblem,
     ProductRecord,
+    UnlistedFolder,
     iter_images,
     iter_metadata,
     open_catalog,
@@ -41,6 +43,46 @@ from searchsvc.storage.versions import VersionRef
 
 MAX_PROBLEMS_KEPT = 200
 SCAN_BATCH = 512
+SYNC_NAMES_SHOWN = 10
+
+
+class SyncRefused(SearchsvcError):
+    """``--sync`` would remove more than its limit allows; nothing was removed."""
+
+
+@dataclass(frozen=True)
+class DeleteLimit:
+    """How much one ``--sync`` may remove: at most ``count`` images, or at most ``fraction``
+    of the catalog's live images. Neither set: no limit (``--force``)."""
+
+    count: int | None = None
+    fraction: float | None = None
+
+    def allows(self, removing: int, live: int) -> bool:
+        if self.count is not None and removing > self.count:
+            return False
+        return self.fraction is None or removing <= self.fraction * live
+
+    def describe(self) -> str:
+        if self.count is not None:
+            return f"{self.count} images"
+        if self.fraction is not None:
+            return f"{self.fraction:.0%} of the catalog"
+        return "no limit"
+
+
+def parse_delete_limit(text: str) -> DeleteLimit:
+    """``--max-delete``'s value: ``N`` images, or a share of the catalog (``0.3``, ``30%``)."""
+    raw = text.strip()
+    try:
+        if raw.isdigit():
+            return DeleteLimit(count=int(raw))
+        fraction = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:  # also NaN
+        raise ValueError(f"{text!r}: expected a number of images (25) or a share (0.3, 30%)")
+    return DeleteLimit(fraction=fraction)
 
 
 @dataclass
@@ -117,11 +159,20 @@ class IngestCoordinator:
 
     # ------------------------------------------------------------------ entry point
     def run(
-        self, root: Path, *, sync: bool = False, progress: ProgressCallback | None = None
+        self,
+        root: Path,
+        *,
+        sync: bool = False,
+        progress: ProgressCallback | None = None,
+        max_delete: DeleteLimit | None = None,
     ) -> IngestSummary:
+        """Ingest ``root``; with ``sync``, then remove what it no longer holds, within
+        ``max_delete`` (default: ``sync_max_delete_fraction`` of its live images)."""
         started = time.perf_counter()
         root = open_catalog(root).resolve()
         summary = IngestSummary()
+        # Product folders that failed to list this run: their images are unknown, not gone.
+        self._unlisted: set[str] = set()
         collection = self._collection()
         if self.index is not None:
             self.index.ensure_collection(collection, self.dim)
@@ -139,7 +190,8 @@ class IngestCoordinator:
             self._ingest_metadata(root, summary)
             self._ingest_images(root, summary, progress)
             if sync:
-                self._sync_removed(root, summary)
+                limit = max_delete or DeleteLimit(fraction=self.settings.sync_max_delete_fraction)
+                self._sync_removed(root, summary, limit)
             with self.db.session() as session:
                 summary.products_seen = int(
                     session.scalar(
@@ -154,6 +206,9 @@ class IngestCoordinator:
             status = "done"
         except KeyboardInterrupt:
             status = "interrupted"
+            raise
+        except SyncRefused:
+            status = "sync refused"
             raise
         finally:
             summary.seconds = time.perf_counter() - started
@@ -178,16 +233,38 @@ class IngestCoordinator:
     # ------------------------------------------------------------------ metadata
     def _ingest_metadata(self, root: Path, summary: IngestSummary) -> None:
         batch: list[ProductRecord] = []
-        for record in iter_metadata(root):
+        follow = self.settings.follow_symlinks_outside_catalog
+        for record in iter_metadata(root, follow_outside=follow):
             if isinstance(record, CatalogProblem):
                 summary.add_problem(record)
                 continue
             batch.append(record)
             if len(batch) >= SCAN_BATCH:
-                self._upsert_products(batch, summary)
+                self._store_products(batch, summary)
                 batch = []
         if batch:
-            self._upsert_products(batch, summary)
+            self._store_products(batch, summary)
+
+    def _store_products(self, records: Sequence[ProductRecord], summary: IngestSummary) -> None:
+        """Upsert a batch; should the database refuse it (a value the reader's checks let
+        through), store its rows one by one, naming each it refuses, and go on."""
+        delta = IngestSummary(run_id=summary.run_id)
+        try:
+            self._upsert_products(records, delta)
+        except StatementError as exc:
+            if isinstance(exc, OperationalError | InterfaceError):
+                raise  # the database itself is unavailable: not one row's fault
+            if len(records) > 1:
+                for record in records:
+                    self._store_products([record], summary)
+                return
+            record = records[0]
+            reason = " ".join(str(exc.orig or exc).split())[:200]
+            summary.add_problem(
+                CatalogProblem(record.where or record.product_id, f"database refused it ({reason})")
+            )
+            return
+        summary.merge(delta)
 
     def _upsert_products(self, records: Sequence[ProductRecord], summary: IngestSummary) -> None:
         latest = {record.product_id: record for record in records}  # a later row wins
@@ -254,10 +331,13 @@ class IngestCoordinator:
             on_resend=resent,
             unfinished="unfinished images stay pending: run the ingest again to finish them",
         )
-        for batch in _batched(iter_images(root), SCAN_BATCH):
+        follow = self.settings.follow_symlinks_outside_catalog
+        for batch in _batched(iter_images(root, follow_outside=follow), SCAN_BATCH):
             images: list[CatalogImage] = []
             for entry in batch:
                 if isinstance(entry, CatalogProblem):
+                    if isinstance(entry, UnlistedFolder):
+                        self._unlisted.add(entry.product_id)
                     summary.add_problem(entry)
                 else:
                     images.append(entry)
@@ -287,11 +367,13 @@ class IngestCoordinator:
         images needed no work (unchanged, or failed to read).
         """
         hashed: list[tuple[CatalogImage, str, int]] = []
+        unreadable: list[tuple[str, str]] = []
         skipped = 0
         for image in images:
             try:
                 data = read_image_bytes(image.path, self.settings.max_image_bytes)
             except ImageError as exc:
+                unreadable.append((image.product_id, image.filename))
                 summary.images_failed += 1
                 summary.add_problem(
                     CatalogProblem(f"{image.product_id}/{image.filename}", exc.reason)
@@ -299,6 +381,15 @@ class IngestCoordinator:
                 skipped += 1
                 continue
             hashed.append((image, content_hash(data), len(data)))
+        if unreadable:
+            # Listed but not readable (permissions, an I/O error): still there, so ``--sync``
+            # must not take it for gone. Its row, if any, keeps its last good state.
+            with self.db.session() as session:
+                session.execute(
+                    update(Image)
+                    .where(tuple_(Image.product_id, Image.filename).in_(unreadable))
+                    .values(last_seen_run_id=summary.run_id)
+                )
 
         # Two coordinators (a Qdrant server lets several run at once) may insert the same
         # new image row concurrently: the loser's transaction fails on the unique key, and a
@@ -357,6 +448,7 @@ class IngestCoordinator:
             new_rows: list[dict[str, Any]] = []
             updates: list[dict[str, Any]] = []
             fresh: list[tuple[int, str, CatalogImage]] = []  # (image id, hash, file)
+            changed: list[int] = []  # rows with new bytes: a fresh count of deliveries
             for image, digest, size in hashed:
                 row = rows.get((image.product_id, image.filename))
                 if row is None:
@@ -375,6 +467,7 @@ class IngestCoordinator:
                     continue
                 status, error = row.status, row.error
                 if row.content_hash != digest:
+                    changed.append(row.id)
                     summary.images_changed += 1
                     old_points[row.id] = row.point_id
                     status, error = ImageStatus.PENDING, None
@@ -430,6 +523,10 @@ class IngestCoordinator:
                     ),
                     updates,
                 )
+            if changed:
+                connection.execute(
+                    update(Image).where(Image.id.in_(changed)).values(embed_deliveries=0)
+                )
             if new_rows:
                 inserted = connection.execute(
                     insert(Image).returning(Image.id, sort_by_parameter_order=True), new_rows
@@ -463,8 +560,16 @@ class IngestCoordinator:
         new_points = {
             item.image_id: point_id_for(item.product_id, item.content_hash) for item in items
         }
-        # A changed image's old point goes, whether or not its new content embedded.
-        stale = [old for image_id, old in old_points.items() if old and old != new_points[image_id]]
+        # A changed image's old point goes, whether or not its new content embedded, unless
+        # another row still holds it (the same bytes under another name of the product).
+        released = {
+            old: by_id[image_id].product_id
+            for image_id, old in old_points.items()
+            if old and old != new_points[image_id]
+        }
+        with self.db.session() as session:
+            held = _held_points(session, released)
+        stale = [point for point in released if point not in held]
         write_points(self.index, self._collection(), items, response, stale=stale)
 
         # One executemany per outcome. The content-hash condition leaves a row alone when a
@@ -527,34 +632,50 @@ class IngestCoordinator:
         return len(response.results)
 
     # ------------------------------------------------------------------ sync
-    def _sync_removed(self, root: Path, summary: IngestSummary) -> None:
-        """Remove from the index what this catalog no longer holds (``ingest --sync``)."""
+    def _sync_removed(self, root: Path, summary: IngestSummary, limit: DeleteLimit) -> None:
+        """Remove from the index what this catalog no longer holds (``ingest --sync``).
+
+        Only what is confirmed gone leaves: an image row under this root that this run did
+        not see, in a product folder that listed fine. A first, read-only pass counts it;
+        over ``limit`` nothing is removed and :class:`SyncRefused` says what would have been.
+        """
         prefix = str(root).rstrip("/") + "/"
-        last_id = 0
-        while True:  # keyset pagination: one pass over the images, a batch at a time
-            with self.db.session() as session:
-                rows = list(
-                    session.scalars(
-                        select(Image).where(Image.id > last_id).order_by(Image.id).limit(SCAN_BATCH)
-                    )
-                )
-                if not rows:
-                    break
-                last_id = rows[-1].id
-                gone = [
-                    row
-                    for row in rows
-                    if row.source_path.startswith(prefix)
-                    and row.status != ImageStatus.REMOVED
-                    and row.last_seen_run_id != summary.run_id
-                ]
-                point_ids = [row.point_id for row in gone if row.point_id]
+        live = removing = 0
+        names: list[str] = []
+        for _, rows, gone in self._sync_batches(prefix, summary.run_id, modify=False):
+            live += sum(
+                1
+                for row in rows
+                if row.source_path.startswith(prefix) and row.status != ImageStatus.REMOVED
+            )
+            removing += len(gone)
+            if len(names) < SYNC_NAMES_SHOWN:
+                names.extend(f"{r.product_id}/{r.filename}" for r in gone[:SYNC_NAMES_SHOWN])
+        if removing == 0:
+            return
+        if not limit.allows(removing, live):
+            shown = ", ".join(names[:SYNC_NAMES_SHOWN])
+            more = f" and {removing - SYNC_NAMES_SHOWN} more" if removing > SYNC_NAMES_SHOWN else ""
+            raise SyncRefused(
+                f"--sync refused: it would remove {removing} of the {live} indexed images "
+                f"under {root} ({removing / live:.0%}), over the limit of {limit.describe()} "
+                f"(SEARCHSVC_SYNC_MAX_DELETE_FRACTION); nothing was removed (the ingest itself "
+                f"finished, run {summary.run_id}). It would remove: {shown}{more}. If the "
+                f"catalog is complete (mounted, readable), re-run with --max-delete {removing} "
+                f"or --force"
+            )
+        for session, _, gone in self._sync_batches(prefix, summary.run_id, modify=True):
+            released = {row.point_id: row.product_id for row in gone if row.point_id}
+            for row in gone:
+                row.status = ImageStatus.REMOVED
+                row.point_id = None
+            if gone:
+                session.flush()
+                held = _held_points(session, released)
+                point_ids = [point for point in released if point not in held]
                 if point_ids and self.index is not None:
                     self.index.delete(self._collection(), point_ids)
-                for row in gone:
-                    row.status = ImageStatus.REMOVED
-                    row.point_id = None
-                summary.images_removed += len(gone)
+            summary.images_removed += len(gone)
         with self.db.session() as session:
             live_products = select(Image.product_id).where(Image.status != ImageStatus.REMOVED)
             # A product with no photo left cannot be found by image search: it leaves too,
@@ -565,6 +686,56 @@ class IngestCoordinator:
                 .values(removed=True)
             )
             summary.products_removed += int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def _sync_batches(
+        self, prefix: str, run_id: int, *, modify: bool
+    ) -> Iterator[tuple[Session, list[Image], list[Image]]]:
+        """Every image row, a batch at a time (keyset pagination), with its session and the
+        batch's rows that are gone; with ``modify`` the caller's changes are committed."""
+        last_id = 0
+        while True:
+            with self.db.session() as session:
+                rows = list(
+                    session.scalars(
+                        select(Image).where(Image.id > last_id).order_by(Image.id).limit(SCAN_BATCH)
+                    )
+                )
+                if not rows:
+                    return
+                last_id = rows[-1].id
+                gone = [
+                    row
+                    for row in rows
+                    if row.source_path.startswith(prefix)
+                    and row.status != ImageStatus.REMOVED
+                    and row.last_seen_run_id != run_id
+                    and row.product_id not in self._unlisted
+                ]
+                yield session, rows, gone
+                if not modify:
+                    session.rollback()
+
+
+def _held_points(session: Session, released: Mapping[str, str]) -> set[str]:
+    """Of the ``released`` points (point id -> its product), those a live row still holds.
+
+    A point id comes from (product, content), so two file names of one product with the same
+    bytes share one point: editing or removing one must leave the point to the other.
+    Pending rows count (their point may be written already); failed ones hold none.
+    """
+    if not released:
+        return set()
+    held: set[str] = set()
+    for product_id, digest in session.execute(
+        select(Image.product_id, Image.content_hash).where(
+            Image.product_id.in_(set(released.values())),
+            Image.status.in_([ImageStatus.PENDING, ImageStatus.INDEXED]),
+        )
+    ):
+        point = point_id_for(product_id, digest)
+        if point in released:
+            held.add(point)
+    return held
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -20,6 +20,7 @@ from searchsvc.core.errors import ImageError, SearchsvcError
 from searchsvc.core.images import content_hash, load_pixels, read_image_bytes
 from searchsvc.index import IndexPoint, VectorIndex, point_id_for
 from searchsvc.jobs.boundary import check_candidate_hashes, registered_items
+from searchsvc.jobs.deliveries import DeliveryLedger
 from searchsvc.jobs.wire import (
     EMBED_TASK,
     RERANK_TASK,
@@ -34,6 +35,7 @@ from searchsvc.jobs.wire import (
     parse_request,
 )
 from searchsvc.models.cache import ModelCache
+from searchsvc.models.embedder import Embedder
 from searchsvc.storage.db import Database, ModelKind
 from searchsvc.storage.pixels import PixelStore
 from searchsvc.storage.versions import version as registered_version
@@ -87,13 +89,54 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
             )
 
     embedder = ctx.models.embedder(version)
+    ledger = DeliveryLedger(ctx.db, ctx.settings.embed_max_deliveries)
+    unfinished = ledger.unfinished(request.items)
+    results: dict[int, EmbedResult] = {}
+
+    def delivered(items: list[EmbedItem]) -> dict[int, EmbedResult]:
+        ledger.started(items)
+        try:
+            done = _embed_items(request, items, ctx, embedder, check_deadline)
+        except TaskTimeLimitExceeded:
+            ledger.finished(items)  # out of time is not a delivery that died
+            raise
+        ledger.finished(items)
+        return done
+
+    if not any(unfinished.values()):
+        results = delivered(request.items)
+    else:
+        # An earlier delivery of these images died: one image at a time, each counted
+        # alone, so that only the one under way when a worker dies is held against it.
+        for item in request.items:
+            deliveries = unfinished.get(item.image_id, 0)
+            if deliveries >= ledger.max_deliveries:
+                reason = ledger.give_up(item, deliveries)
+                results[item.image_id] = EmbedResult(item.image_id, error=reason)
+                continue
+            results.update(delivered([item]))
+    return EmbedResponse(
+        embedder_version=request.embedder_version,
+        results=[results[item.image_id] for item in request.items],
+        indexed_by_worker=request.write_index,
+    )
+
+
+def _embed_items(
+    request: EmbedRequest,
+    items: list[EmbedItem],
+    ctx: TaskContext,
+    embedder: Embedder,
+    check_deadline: Callable[[str], None],
+) -> dict[int, EmbedResult]:
     size = embedder.info.input_size
+    settings = ctx.settings
 
     ok_items: list[EmbedItem] = []
     pixel_rows: list[np.ndarray] = []
     results: dict[int, EmbedResult] = {}
     # The files, products and hashes are the database's, not the message's (boundary).
-    checked = registered_items(ctx.db, request.items)
+    checked = registered_items(ctx.db, items)
     for image_id, reason in checked.refused.items():
         results[image_id] = EmbedResult(image_id, error=reason)
     for item in checked.items.values():
@@ -107,6 +150,10 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
             )
         except ImageError as exc:
             results[item.image_id] = EmbedResult(item.image_id, error=exc.reason)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one image's surprise must not fail its batch
+            reason = f"unexpected error reading the image ({type(exc).__name__}: {exc})"
+            results[item.image_id] = EmbedResult(item.image_id, error=reason)
             continue
         ok_items.append(item)
         pixel_rows.append(pixels)
@@ -143,11 +190,7 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
                 width=done.width,
                 height=done.height,
             )
-    return EmbedResponse(
-        embedder_version=request.embedder_version,
-        results=[results[item.image_id] for item in request.items],
-        indexed_by_worker=request.write_index,
-    )
+    return results
 
 
 def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:

@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 from searchsvc.core.errors import ImageError, SearchsvcError
 from searchsvc.core.images import IMAGE_SUFFIXES, read_image_bytes
 from searchsvc.learning.metrics import relevance_from_labels, retrieval_metrics
+from searchsvc.learning.topk import self_positions, top_k_neighbours
 from searchsvc.learning.training_data import (
     DataSplit,
     LabelledImage,
@@ -39,7 +40,9 @@ from searchsvc.learning.training_data import (
     load_training_data,
     refs_of,
     require_val_queries,
+    sample_validation,
     split_data,
+    split_of,
 )
 from searchsvc.models.embedder import Embedder
 from searchsvc.models.fusion import rerank_order
@@ -72,6 +75,7 @@ def first_stage(
     k: int,
     *,
     self_index: Sequence[int] | np.ndarray | None = None,
+    chunk: int | None = None,
 ) -> tuple[IntArray, FloatArray]:
     """Top ``k`` gallery items per query by cosine distance (``1 - q.g`` of unit vectors,
     as the query path reports it), nearest first, ties in gallery order.
@@ -79,33 +83,10 @@ def first_stage(
     ``self_index[q]`` is the gallery position of query ``q`` when it is a gallery item, -1
     otherwise; a query never ranks itself. Returns ``(Q, K)`` indices and distances with
     ``K = min(k, gallery size - 1 if any query is in the gallery else gallery size)``.
+    Memory: ``chunk`` queries' distances at a time, never ``Q x G``
+    (:func:`searchsvc.learning.topk.top_k_neighbours`).
     """
-    q = np.asarray(query_vectors, dtype=np.float64)
-    g = np.asarray(gallery_vectors, dtype=np.float64)
-    if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
-        raise ValueError(f"expected (Q, D) and (G, D) vectors, got {q.shape} and {g.shape}")
-    distances = 1.0 - q @ g.T
-    own = _self_index(self_index, len(q), len(g))
-    has_self = own >= 0
-    distances[np.flatnonzero(has_self), own[has_self]] = np.inf
-    width = min(k, len(g) - (1 if has_self.any() else 0))
-    if width < 1:
-        raise ValueError(f"the gallery has {len(g)} items: nothing to rank")
-    order = np.argsort(distances, axis=1, kind="stable")[:, :width].astype(np.int64)
-    return order, np.take_along_axis(distances, order, axis=1)
-
-
-def _self_index(
-    self_index: Sequence[int] | np.ndarray | None, n_queries: int, n_gallery: int
-) -> IntArray:
-    own = (
-        np.full(n_queries, -1, dtype=np.int64)
-        if self_index is None
-        else np.asarray(self_index, dtype=np.int64)
-    )
-    if own.shape != (n_queries,) or own.max(initial=-1) >= n_gallery or own.min(initial=0) < -1:
-        raise ValueError(f"self_index must be ({n_queries},) gallery positions or -1")
-    return own
+    return top_k_neighbours(query_vectors, gallery_vectors, k, self_index=self_index, chunk=chunk)
 
 
 def relevant_counts(
@@ -117,7 +98,7 @@ def relevant_counts(
     counts: dict[str, int] = {}
     for label in gallery_labels:
         counts[label] = counts.get(label, 0) + 1
-    own = _self_index(self_index, len(query_labels), len(gallery_labels))
+    own = self_positions(self_index, len(query_labels), len(gallery_labels))
     return np.array(
         [counts.get(label, 0) - (1 if own[n] >= 0 else 0) for n, label in enumerate(query_labels)],
         dtype=np.int64,
@@ -481,26 +462,15 @@ def evaluate(
     )
 
 
-def evaluate_served_on_split(
-    settings: Settings, db: Database, pixels: PixelStore | None = None, *, side: str = "val"
-) -> tuple[EvalReport, dict[str, Any]]:
-    """The active embedder (and active reranker, if any) on one side of the catalog split
-    (``SEARCHSVC_SPLIT_SEED``, ``SEARCHSVC_VAL_FRACTION``): what ``searchsvc eval`` prints
-    without ``--queries``. Reads the DB and the image files; the index is not opened.
-    Returns the report and the split's record."""
-    split = split_data(
-        load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
-    )
-    if side == "val":
-        require_val_queries(split)
+def served_models(
+    settings: Settings, db: Database
+) -> tuple[Embedder, StirScorer | None, dict[str, str]]:
+    """The active embedder and the active reranker (None when there is none), loaded as the
+    query path loads them, and their versions (``{"embedder": "v1", "stir": "v3"}``)."""
     embedder_version = active_version(db, ModelKind.EMBEDDER)
     if embedder_version is None:
         raise SearchsvcError("no embedder yet: run 'searchsvc ingest CATALOG' first")
     stir_version = active_version(db, ModelKind.STIR)
-    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, pixels)
-    eval_set = EvalSet.from_split(split, loader, side)
-    if not eval_set.gallery:
-        raise SearchsvcError(f"the {side} side of the split holds no catalog image")
     embedder = Embedder.from_file(
         embedder_version.file, device=settings.device, precision=settings.precision
     )
@@ -514,11 +484,60 @@ def evaluate_served_on_split(
     models = {"embedder": f"v{embedder_version.id}"}
     if stir_version is not None:
         models["stir"] = f"v{stir_version.id}"
+    return embedder, stir, models
+
+
+def split_eval_set(
+    settings: Settings, db: Database, pixels: PixelStore | None = None, *, side: str = "val"
+) -> tuple[EvalSet, dict[str, Any]]:
+    """One side of the catalog split (``SEARCHSVC_SPLIT_SEED``, ``SEARCHSVC_VAL_FRACTION``)
+    as an evaluation set, and the split's record (its validation side sampled to at most
+    ``SEARCHSVC_VAL_SAMPLE_IMAGES`` images)."""
+    split = sample_validation(
+        split_data(
+            load_training_data(db), seed=settings.split_seed, val_fraction=settings.val_fraction
+        ),
+        settings.val_sample_images,
+    )
+    if side == "val":
+        require_val_queries(split)
+    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, pixels)
+    eval_set = EvalSet.from_split(split, loader, side)
+    if not eval_set.gallery:
+        raise SearchsvcError(f"the {side} side of the split holds no catalog image")
+    return eval_set, split.record
+
+
+def query_photos_eval_set(
+    settings: Settings,
+    db: Database,
+    queries: Sequence[LabelledQuery],
+    pixels: PixelStore | None = None,
+) -> EvalSet:
+    """Labelled query photos against every indexed catalog image (brute force, by image):
+    the live catalog as an evaluation set. The photos are not gallery items."""
+    gallery = [i for i in load_training_data(db).images if i.source == "catalog"]
+    if not gallery:
+        raise SearchsvcError("no indexed catalog image: run 'searchsvc ingest CATALOG' first")
+    photos = [LabelledImage(q.label, q.path, "", "query") for q in queries]
+    loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, pixels)
+    return EvalSet(gallery, photos, np.full(len(photos), -1, dtype=np.int64), loader)
+
+
+def evaluate_served_on_split(
+    settings: Settings, db: Database, pixels: PixelStore | None = None, *, side: str = "val"
+) -> tuple[EvalReport, dict[str, Any]]:
+    """The active embedder (and active reranker, if any) on one side of the catalog split
+    (:func:`split_eval_set`): what ``searchsvc eval`` prints without ``--queries``. Reads
+    the DB and the image files; the index is not opened. Returns the report and the
+    split's record."""
+    eval_set, record = split_eval_set(settings, db, pixels, side=side)
+    embedder, stir, models = served_models(settings, db)
     top_ns = sorted({*TOP_NS, settings.rerank_top_n})
     report = evaluate(
         eval_set, embedder, stir, top_ns=top_ns, batch_size=settings.batch_size, models=models
     )
-    return report, split.record
+    return report, record
 
 
 # --------------------------------------------------------------------------- live index
@@ -551,6 +570,21 @@ def load_query_set(root: Path) -> list[LabelledQuery]:
     if not queries:
         raise SearchsvcError(f"{root}: no labelled query photos found")
     return queries
+
+
+def queries_on_side(
+    queries: Sequence[LabelledQuery], settings: Settings, side: str
+) -> list[LabelledQuery]:
+    """The photos whose product is on ``side`` of the catalog split (``val``: products the
+    retrain never trains on). Refuses an empty result, naming the side."""
+    kept = [
+        q
+        for q in queries
+        if split_of(q.label, seed=settings.split_seed, val_fraction=settings.val_fraction) == side
+    ]
+    if not kept:
+        raise SearchsvcError(f"none of the {len(queries)} query photos is of a {side}-side product")
+    return kept
 
 
 NOT_RERANKABLE = ("fewer than 2 candidates", "no reranker is active")

@@ -225,6 +225,8 @@ class DataSplit:
     val_hard_negatives: list[HardNegative]
     seed: int
     val_fraction: float
+    val_sample: dict[str, Any] | None = None
+    """How :func:`sample_validation` cut the validation side (None: it is whole)."""
 
     @property
     def record(self) -> dict[str, Any]:
@@ -244,6 +246,7 @@ class DataSplit:
             "train": {**summary(self.train), "hard_negatives": len(self.train_hard_negatives)},
             "val": {**summary(self.val), "hard_negatives": len(self.val_hard_negatives)},
             "val_products_sha256": hashlib.sha256("\n".join(val_products).encode()).hexdigest(),
+            **({"val_sample": self.val_sample} if self.val_sample is not None else {}),
         }
 
 
@@ -265,6 +268,56 @@ def split_data(data: TrainingData, *, seed: int, val_fraction: float) -> DataSpl
         labels = [neg.negative_label] + ([neg.query_label] if neg.query_label else [])
         (val_neg if any(of(label) == "val" for label in labels) else train_neg).append(neg)
     return DataSplit(train, val, train_neg, val_neg, seed, val_fraction)
+
+
+def sample_validation(split: DataSplit, max_images: int) -> DataSplit:
+    """The split with its validation side cut to at most ``max_images`` images (catalog
+    images and query photos), whole products at a time, so that evaluation memory and time
+    stay bounded however large the catalog grows.
+
+    Products are taken in the order of a hash of (split seed, product id), each when its
+    images still fit: the same products for every model evaluated on this split (the old
+    and the new model of a gate), and, like the split itself, a product's place does not
+    move when others are added. Products left out are still never trained on. The cut is
+    recorded (:attr:`DataSplit.val_sample`, in :attr:`DataSplit.record`)."""
+    if max_images < 1:
+        raise ValueError(f"max_images must be at least 1, got {max_images}")
+    per_product = Counter(i.label for i in split.val)
+    if sum(per_product.values()) <= max_images:
+        return split
+
+    def rank(label: str) -> bytes:
+        return hashlib.sha256(f"val-sample\x00{split.seed}\x00{label}".encode()).digest()
+
+    kept: set[str] = set()
+    total = 0
+    for label in sorted(per_product, key=rank):
+        if total + per_product[label] <= max_images:
+            kept.add(label)
+            total += per_product[label]
+    val = [i for i in split.val if i.label in kept]
+    val_neg = [
+        n
+        for n in split.val_hard_negatives
+        if n.negative_label in kept or (n.query_label is not None and n.query_label in kept)
+    ]
+    record = {
+        "max_images": max_images,
+        "seed": split.seed,
+        "products": len(kept),
+        "of_products": len(per_product),
+        "images": total,
+        "of_images": sum(per_product.values()),
+    }
+    return DataSplit(
+        split.train,
+        val,
+        split.train_hard_negatives,
+        val_neg,
+        split.seed,
+        split.val_fraction,
+        record,
+    )
 
 
 # --------------------------------------------------------------------------------- pixels

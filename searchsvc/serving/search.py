@@ -108,6 +108,13 @@ class QueryResponse:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QueryResponse:
+        """The inverse of :meth:`to_json` (an answer read back from the HTTP API)."""
+        fields = dict(data)
+        fields["results"] = [ProductResult(**r) for r in fields["results"]]
+        return cls(**fields)
+
 
 def group_by_product(hits: list[SearchHit], limit: int) -> list[Candidate]:
     """Best image per product, in first-stage order, at most ``limit`` products."""
@@ -222,7 +229,11 @@ class SearchService:
         filters: Mapping[str, str] | None = None,
         rerank: bool | None = None,
         rerank_top_n: int | None = None,
+        price_min: float | None = None,
+        price_max: float | None = None,
     ) -> QueryResponse:
+        """``price_min``/``price_max``: only products whose price lies in the range (bounds
+        included; a product without a price is left out when a bound is given)."""
         top_k = top_k or self.settings.top_k
         if top_k <= 0:
             raise SearchsvcError(f"--top-k must be positive, got {top_k}")
@@ -246,7 +257,8 @@ class SearchService:
         vector = embedder.embed(query_image.pixels(size)[None])[0]
         t_embed = time.perf_counter()
 
-        candidates = self._search(version, vector, top_k, filters)
+        price_range = None if price_min is None and price_max is None else (price_min, price_max)
+        candidates = self._search(version, vector, top_k, filters, price_range)
         t_search = time.perf_counter()
 
         use_rerank = self.settings.rerank if rerank is None else rerank
@@ -278,17 +290,31 @@ class SearchService:
             rerank_note=outcome.note,
         )
         if self.record is not None:
-            self.record(response, data, source, filters, top_k, outcome)
+            logged = dict(filters)
+            for name, bound in (("price_min", price_min), ("price_max", price_max)):
+                if bound is not None:
+                    logged[name] = f"{bound:g}"
+            self.record(response, data, source, logged, top_k, outcome)
         return response
 
     def _search(
-        self, version: VersionRef, vector: Any, top_k: int, filters: dict[str, str]
+        self,
+        version: VersionRef,
+        vector: Any,
+        top_k: int,
+        filters: dict[str, str],
+        price_range: tuple[float | None, float | None] | None = None,
     ) -> list[Candidate]:
         assert version.collection is not None
         limit = top_k * OVERFETCH
         while True:
             hits = self.index.search(version.collection, vector, limit=limit, filters=filters)
-            candidates = group_by_product(self._live(hits), top_k)
+            # Prices live in the DB, not in the index payload: the range applies to the hits,
+            # and the fetch grows (as for products with many images) until enough remain.
+            kept = self._live(hits)
+            if price_range is not None:
+                kept = self._in_price_range(kept, *price_range)
+            candidates = group_by_product(kept, top_k)
             if len(candidates) >= top_k or len(hits) < limit or limit >= MAX_FETCH:
                 return candidates
             limit = min(limit * 4, MAX_FETCH)
@@ -312,6 +338,20 @@ class SearchService:
                 )
             )
         return [hit for hit in hits if hit.image_id in live]
+
+    def _in_price_range(
+        self, hits: list[SearchHit], low: float | None, high: float | None
+    ) -> list[SearchHit]:
+        wanted = select(Product.id).where(
+            Product.id.in_({hit.product_id for hit in hits}), Product.price.is_not(None)
+        )
+        if low is not None:
+            wanted = wanted.where(Product.price >= low)
+        if high is not None:
+            wanted = wanted.where(Product.price <= high)
+        with self.db.session() as session:
+            allowed = set(session.scalars(wanted))
+        return [hit for hit in hits if hit.product_id in allowed]
 
     def _products(self, candidates: list[Candidate]) -> list[ProductResult]:
         with self.db.session() as session:

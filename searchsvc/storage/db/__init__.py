@@ -11,6 +11,7 @@ from searchsvc.storage.db.schema import (
     ModelVersion,
     Product,
     QueryLog,
+    StoredPixels,
     UTCDateTime,
     utcnow,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ModelVersion",
     "Product",
     "QueryLog",
+    "StoredPixels",
     "UTCDateTime",
     "normalize_url",
     "redact_url",

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -187,6 +188,9 @@ class Image(Base):
         ForeignKey("model_versions.id", ondelete="SET NULL")
     )
     last_seen_run_id: Mapped[int | None] = mapped_column(Integer)
+    embed_deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Embed deliveries of these bytes that started and never finished (the worker died:
+    out of memory, a crash in a decoder); past ``embed_max_deliveries`` the image fails."""
     created_at: Mapped[dt.datetime] = mapped_column(_TZ, default=utcnow, server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(_TZ, default=utcnow, onupdate=utcnow)
 
@@ -247,3 +251,15 @@ class Feedback(Base):
     query: Mapped[QueryLog] = relationship(back_populates="feedback")
 
     __table_args__ = (Index("ix_feedback_query_id", "query_id"),)
+
+
+class StoredPixels(Base):
+    """Model-ready pixels of the cluster's pixel store (``SEARCHSVC_PIXEL_STORE=postgresql``,
+    :class:`searchsvc.storage.pixels.DatabasePixelStore`): raw ``size x size x 3`` bytes by
+    content hash. Empty under the embedded default, whose pixels are in a local file."""
+
+    __tablename__ = "pixels"
+
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
