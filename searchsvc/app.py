@@ -27,7 +27,7 @@ from searchsvc.jobs.dispatch import (
 )
 from searchsvc.jobs.ingest import DeleteLimit, IngestCoordinator, IngestSummary, ProgressCallback
 from searchsvc.jobs.model_files import ensure_active_embedder
-from searchsvc.jobs.switch import SwapReport, switch_embedder
+from searchsvc.jobs.switch import SwapReport, reconcile_alias, switch_embedder
 from searchsvc.jobs.tasks import TaskContext, task_functions
 from searchsvc.jobs.wire import EMBED_QUEUE
 from searchsvc.models.cache import ModelCache
@@ -150,6 +150,7 @@ class App:
     ) -> IngestSummary:
         index = self.index("write")
         version = ensure_active_embedder(self.db, self.settings)
+        reconcile_alias(self.settings, self.db, index)  # a switch that crashed midway
         if isinstance(self.dispatcher, CeleryDispatcher):
             check_consumers(
                 self.dispatcher,
@@ -175,6 +176,7 @@ class App:
     ) -> SwapReport:
         """Re-embed the catalog with ``version_id`` and switch queries to it."""
         index = self.index("write")
+        reconcile_alias(self.settings, self.db, index)
         with _cpu_tasks_single_threaded(self.settings):
             return switch_embedder(
                 self.settings, self.db, index, self.dispatcher, version_id, progress=progress

@@ -21,6 +21,8 @@ from searchsvc.jobs.dispatch import (
     TaskHandle,
     result_with_resends,
 )
+from searchsvc.jobs.embed_pipeline import EmbedPipeline
+from searchsvc.jobs.wire import EmbedRequest
 from searchsvc.storage.db import Image, ImageStatus
 
 
@@ -36,15 +38,26 @@ class FakeClock:
 
 
 class FakeHandle:
-    """Finishes at ``done_at`` on the fake clock (None: never, a lost task)."""
+    """Finishes at ``done_at`` on the fake clock (None: never, a lost task); a worker runs
+    it from ``started_at`` (None: no worker took it)."""
 
     def __init__(
-        self, clock: FakeClock, done_at: float | None, value: Payload, *, fails: bool = False
+        self,
+        clock: FakeClock,
+        done_at: float | None,
+        value: Payload,
+        *,
+        fails: bool = False,
+        started_at: float | None = None,
     ) -> None:
         self.clock, self.done_at, self.value, self.fails = clock, done_at, value, fails
+        self.started_at = started_at
 
     def ready(self) -> bool:
         return self.done_at is not None and self.clock.now >= self.done_at
+
+    def started(self) -> bool:
+        return self.ready() or (self.started_at is not None and self.clock.now >= self.started_at)
 
     def result(self, timeout: float | None = None) -> Payload:
         if not self.ready():
@@ -131,6 +144,68 @@ def test_resends_are_bounded_and_the_wait_times_out() -> None:
     assert 60.0 <= clock.now < 60.2
 
 
+def test_a_slow_task_that_a_worker_runs_is_not_sent_again() -> None:
+    clock = FakeClock()
+    resends: list[int] = []
+    value = result_with_resends(
+        FakeHandle(clock, 35.0, {"copy": 0}, started_at=1.0),  # slow, running: not lost
+        copies(clock, [36.0]),
+        timeout_s=100,
+        resend_after_s=10,
+        on_resend=resends.append,
+        started_limit_s=60,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert value == {"copy": 0} and resends == [] and clock.now == 35.0
+
+
+def test_a_started_task_running_past_its_time_limit_is_sent_again() -> None:
+    """Its worker died mid-task (the task stops itself at its limit in every pool)."""
+    clock = FakeClock()
+    resends: list[int] = []
+    value = result_with_resends(
+        FakeHandle(clock, None, {"copy": 0}, started_at=1.0),
+        copies(clock, [45.0]),
+        timeout_s=100,
+        resend_after_s=10,
+        on_resend=resends.append,
+        started_limit_s=25,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    assert value == {"copy": 1} and resends == [1]
+    # seen started at 10 (the first look), past its limit after 35: resent at the next look
+    assert 40.0 <= clock.now < 45.2
+
+
+def test_embed_tasks_expire_when_the_run_stops_waiting() -> None:
+    clock = FakeClock()
+    sent: list[float | None] = []
+
+    class Recording:
+        def submit(
+            self, task_name: str, payload: Payload, *, queue: str, expires_s: float | None = None
+        ) -> TaskHandle:
+            sent.append(expires_s)
+            return FakeHandle(clock, 0.0, {"embedder_version": 1, "results": []})
+
+        def close(self) -> None:
+            pass
+
+    pipeline: EmbedPipeline[None] = EmbedPipeline(
+        Recording(),
+        in_flight=1,
+        timeout_s=42.0,
+        resend_after_s=10,
+        on_result=lambda *_: None,
+        on_failure=lambda *_: None,
+    )
+    pipeline.submit(EmbedRequest(items=[], embedder_version=1, collection="images_v1"), None)
+    pipeline.drain()
+    assert sent == [42.0]
+
+
 def test_a_copy_that_fails_reports_the_tasks_error() -> None:
     clock = FakeClock()
 
@@ -150,6 +225,9 @@ def test_a_copy_that_fails_reports_the_tasks_error() -> None:
 
 class _LostHandle:
     def ready(self) -> bool:
+        return False
+
+    def started(self) -> bool:
         return False
 
     def result(self, timeout: float | None = None) -> Payload:

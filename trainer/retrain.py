@@ -446,9 +446,23 @@ def _training_pixels(
         pixels, ok = write_pixel_rows(
             path, loader, refs, load_size, progress=lambda n: bar.update(n - bar.n)
         )
-    if not ok.all():
-        log(f"retrain: {int((~ok).sum())} training images could not be read; left out")
     names = [None if item is None else item.label for item in items]
+    if not ok.all():
+        unread = [str(refs[k][0]) for k in np.flatnonzero(~ok)]
+        labels = {names[k] for k in np.flatnonzero(ok) if names[k] is not None}
+        if len(labels) < 2:
+            # Training reads the catalog's original files: a catalog moved or unmounted
+            # since the ingest leaves nothing to train on. One line, naming the first.
+            raise SearchsvcError(
+                f"retrain: {len(unread)} of {len(refs)} training images could not be read "
+                f"(first: {unread[0]}), leaving {len(labels)} products to train on (need 2): "
+                "was the catalog moved since the ingest? Restore it there, or ingest it again "
+                "from its new place"
+            )
+        log(
+            f"retrain: {len(unread)} training images could not be read "
+            f"(first: {unread[0]}); left out"
+        )
     keep = np.flatnonzero(ok)
     remap = np.full(len(refs), -1, dtype=np.int64)
     remap[keep] = np.arange(len(keep))

@@ -41,8 +41,12 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     # One task at a time per process: GPU pools must not hoard work they cannot start.
     worker_prefetch_multiplier=1,
-    task_soft_time_limit=300,
-    task_time_limit=360,
+    # Prefork pools only (solo and threads pools ignore these): the task functions keep
+    # their own deadline, SEARCHSVC_TASK_TIME_LIMIT_S, which holds in every pool.
+    task_soft_time_limit=settings.task_time_limit_s,
+    task_time_limit=settings.task_time_limit_s + 60,
+    # STARTED is recorded, so that the ingest resends a lost task but never a slow one.
+    task_track_started=True,
     result_expires=3600,
     broker_connection_retry_on_startup=True,
     # A task whose worker died (kill -9, lost machine) goes back to the queue after this.

@@ -97,6 +97,10 @@ class Settings:
     embed_task_timeout_s: float = 900.0
     """How long the ingest coordinator waits for one embed task before giving up (its rows
     stay pending for the next run)."""
+    task_time_limit_s: float = 300.0
+    """The longest one embed task works, in every pool (solo and threads pools ignore
+    Celery's time limits, so the task checks this deadline itself): past it, the task fails
+    and its images stay pending. Also the prefork pool's soft limit (hard: 60 s later)."""
     embed_task_resend_s: float = 300.0
     """An embed task without a result after this long is sent again (embedding is
     idempotent; the first copy to finish answers): a Redis broker can lose the task of a
@@ -320,6 +324,7 @@ def _validate(settings: Settings) -> None:
         "rerank_timeout_s",
         "embed_task_timeout_s",
         "embed_task_resend_s",
+        "task_time_limit_s",
         "api_request_timeout_s",
     ):
         seconds = getattr(settings, name)

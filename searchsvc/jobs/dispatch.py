@@ -30,6 +30,9 @@ class TaskHandle(Protocol):
     def ready(self) -> bool:
         """True once the task has finished (its result or its failure is waiting)."""
 
+    def started(self) -> bool:
+        """True once a worker has begun the task (or it has finished): it is not lost."""
+
 
 class Dispatcher(Protocol):
     def submit(
@@ -52,6 +55,7 @@ def result_with_resends(
     timeout_s: float,
     resend_after_s: float,
     on_resend: Callable[[int], None] | None = None,
+    started_limit_s: float = math.inf,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Payload:
@@ -65,16 +69,24 @@ def result_with_resends(
     ``MAX_RESENDS`` times, each after another ``resend_after_s``), and whichever copy
     finishes first answers; ``on_resend`` is told each copy's number. ``timeout_s`` bounds
     the whole wait (TimeoutError). A copy that fails raises TaskFailed as the task would.
+
+    Only a lost task is sent again, not a slow one: while a worker runs a copy
+    (``started``), no copy is added, unless that copy has run longer than
+    ``started_limit_s`` (the task's own time limit, which holds in every pool: a copy still
+    running past it lost its worker).
     """
     handles = [first]
-    started = clock()
-    deadline = started + timeout_s
+    resends_from = clock()  # moved on while a worker runs a copy
+    deadline = resends_from + timeout_s
+    started_at: dict[int, float] = {}  # copy -> when it was first seen started
     while True:
         now = clock()
         if now >= deadline:
             raise TimeoutError(f"task did not finish within {timeout_s:g} s")
         next_resend = (
-            started + resend_after_s * len(handles) if len(handles) <= MAX_RESENDS else math.inf
+            resends_from + resend_after_s * len(handles)
+            if len(handles) <= MAX_RESENDS
+            else math.inf
         )
         until = min(deadline, next_resend)
         if len(handles) == 1:  # the usual case: block on the one result
@@ -87,10 +99,18 @@ def result_with_resends(
             if finished is not None:
                 return finished.result(timeout=max(1.0, deadline - clock()))
             sleep(min(RESEND_POLL_S, max(0.0, until - now)))
-        if clock() >= next_resend:
+        now = clock()
+        for index, handle in enumerate(handles):
+            if index not in started_at and handle.started():
+                started_at[index] = now
+        running = [since for since in started_at.values() if now - since <= started_limit_s]
+        if now >= next_resend and not running:
             handles.append(send_again())
             if on_resend is not None:
                 on_resend(len(handles) - 1)
+        elif now >= next_resend:
+            # A worker has it: look again one resend period later (slow is not lost).
+            resends_from += resend_after_s
 
 
 class NoWorkerError(SearchsvcError):
@@ -135,6 +155,9 @@ class _FutureHandle:
 
     def ready(self) -> bool:
         return self._future.done()
+
+    def started(self) -> bool:
+        return self._future.running() or self._future.done()
 
     def result(self, timeout: float | None = None) -> Payload:
         try:
@@ -183,6 +206,10 @@ class _CeleryHandle:
 
     def ready(self) -> bool:
         return bool(self._async_result.ready())
+
+    def started(self) -> bool:
+        # STARTED is recorded by workers with ``task_track_started`` (workers.celery_app).
+        return self.ready() or self._async_result.state in ("STARTED", "RETRY")
 
     def result(self, timeout: float | None = None) -> Payload:
         from celery.exceptions import TimeoutError as CeleryTimeout

@@ -8,6 +8,7 @@ Memory is bounded by ``in_flight`` requests of one batch each, never by the cata
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -48,10 +49,12 @@ class EmbedPipeline(Generic[Tag]):
     """Submit embed requests with :meth:`submit` (it waits while ``in_flight`` are out),
     then :meth:`drain`. Each finished request goes to ``on_result``; a task that ran and
     failed as a whole (not one image: those are per-item errors in its result) goes to
-    ``on_failure``. A task without a result after ``resend_after_s`` is sent again
-    (:func:`result_with_resends`); past ``timeout_s`` an :class:`EmbedTimeout` ends the run,
-    its message ending with ``unfinished`` (what happens to the work not done). A broker
-    that fails is never a per-task failure: :class:`BrokerError` propagates."""
+    ``on_failure``. A task without a result after ``resend_after_s`` that no worker has
+    started (or that ran past ``task_time_limit_s``) is sent again
+    (:func:`result_with_resends`), and expires after ``timeout_s``; past ``timeout_s`` an
+    :class:`EmbedTimeout` ends the run, its message ending with ``unfinished`` (what
+    happens to the work not done). A broker that fails is never a per-task failure:
+    :class:`BrokerError` propagates."""
 
     def __init__(
         self,
@@ -64,6 +67,7 @@ class EmbedPipeline(Generic[Tag]):
         on_failure: FailureHandler[Tag],
         on_resend: Callable[[], None] | None = None,
         unfinished: str = "",
+        task_time_limit_s: float = math.inf,
     ) -> None:
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, got {in_flight}")
@@ -75,6 +79,9 @@ class EmbedPipeline(Generic[Tag]):
         self._on_failure = on_failure
         self._on_resend = on_resend
         self._unfinished = unfinished
+        # A copy a worker still runs this long after it started lost its worker: the task
+        # stops itself at its time limit (every pool), a prefork pool kills it 60 s later.
+        self._started_limit_s = task_time_limit_s + 60.0
         self._pending: collections.deque[_InFlight[Tag]] = collections.deque()
 
     def submit(self, request: EmbedRequest, tag: Tag) -> None:
@@ -89,7 +96,10 @@ class EmbedPipeline(Generic[Tag]):
             self._collect_one()
 
     def _send(self, payload: Payload) -> TaskHandle:
-        return self._dispatcher.submit(EMBED_TASK, payload, queue=EMBED_QUEUE)
+        # Not started by the time this run stops waiting: dropped, not run for nobody.
+        return self._dispatcher.submit(
+            EMBED_TASK, payload, queue=EMBED_QUEUE, expires_s=self._timeout_s
+        )
 
     def _collect_one(self) -> None:
         """The first request that has finished, else the oldest (waiting, with resends)."""
@@ -109,6 +119,7 @@ class EmbedPipeline(Generic[Tag]):
                     timeout_s=self._timeout_s,
                     resend_after_s=self._resend_after_s,
                     on_resend=resent,
+                    started_limit_s=self._started_limit_s,
                 )
             )
         except TimeoutError:

@@ -325,6 +325,7 @@ class IngestCoordinator:
             in_flight=self.max_in_flight,
             timeout_s=self.settings.embed_task_timeout_s,
             resend_after_s=self.settings.embed_task_resend_s,
+            task_time_limit_s=self.settings.task_time_limit_s,
             on_result=collected,
             on_failure=failed,
             on_resend=resent,

@@ -6,12 +6,19 @@ Switching embedders (:func:`switch_embedder`):
    every indexed catalog image is embedded into it, in batches through the embed pipeline
    an ingest uses (in-process, or Celery workers in a cluster); memory is bounded by the
    batches in flight;
-2. the alias is moved to the new collection in ONE step. The query path finds its embedder
-   by the collection the alias names, so this is the switch: a query that resolved the
-   alias before it embeds with the old model and searches the old collection, one after it
-   uses the new pair; no query sees a half-filled collection;
-3. the version becomes the active one in the DB (ingest then writes to the new collection),
-   and the re-embedded image rows are marked as embedded by it.
+2. the switch is refused (nothing changes) when the new collection misses any point the
+   served one holds: images that could not be read or embedded (a catalog moved or
+   unmounted since ingest) must never put a partial collection in service; points only
+   the new collection holds (images removed since an earlier, unswitched re-embedding)
+   are deleted from it;
+3. the version becomes the active one in the DB, in ONE transaction: this is the switch.
+   The DB's active embedder is the one source of truth that queries
+   (:func:`searchsvc.serving.search.served_embedder`), ingest and removals follow, so a
+   crash at any step leaves them all on one collection, the old or the new;
+   The same transaction marks the re-embedded rows as embedded by the version;
+4. the alias, a view of that truth for other readers of the index, is moved to the new
+   collection. A crash before this is repaired by :func:`reconcile_alias` on the next
+   ingest or switch.
 
 The old collection is left as it was, so a switch back is one alias move; removing old
 collections is a later cleanup. An image ingested while the re-embedding ran keeps the old
@@ -36,10 +43,13 @@ from searchsvc.jobs.dispatch import Dispatcher
 from searchsvc.jobs.embed_pipeline import EmbedPipeline, write_points
 from searchsvc.jobs.wire import EmbedItem, EmbedRequest, EmbedResponse
 from searchsvc.models.embedder import embedder_dim
-from searchsvc.storage.db import Database, Image, ImageStatus, ModelKind, Product
-from searchsvc.storage.versions import activate_version, version
+from searchsvc.storage.db import Database, Image, ImageStatus, ModelKind, ModelVersion, Product
+from searchsvc.storage.db.schema import utcnow
+from searchsvc.storage.versions import activate_version, active_version, version
 
 PAGE = 512
+NAMED_FAILURES = 3
+"""Images a refused switch names (with their reasons); the count says how many in all."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ def switch_embedder(
     total = _count_indexed(db)
     embedded: list[tuple[int, str]] = []  # (image id, content hash) now in the new collection
     failed = 0
+    failures: list[str] = []  # the first few, "path: reason"
 
     def collected(request: EmbedRequest, _: None, response: EmbedResponse) -> None:
         nonlocal failed
@@ -91,6 +102,8 @@ def switch_embedder(
         for result in response.results:
             if result.error is not None:
                 failed += 1
+                if len(failures) < NAMED_FAILURES:
+                    failures.append(f"{by_id[result.image_id].path}: {result.error}")
             else:
                 item = by_id[result.image_id]
                 embedded.append((item.image_id, item.content_hash))
@@ -109,6 +122,7 @@ def switch_embedder(
         in_flight=settings.ingest_tasks_in_flight,
         timeout_s=settings.embed_task_timeout_s,
         resend_after_s=settings.embed_task_resend_s,
+        task_time_limit_s=settings.task_time_limit_s,
         on_result=collected,
         on_failure=task_failed,
         unfinished="the alias was not moved: run the retrain again to finish the re-embedding",
@@ -125,10 +139,12 @@ def switch_embedder(
     pipeline.drain()
     index.optimize(collection)
 
-    previous = index.resolve_alias(settings.collection_alias)
-    index.set_alias(settings.collection_alias, collection)  # the switch, in one step
-    activate_version(db, version_id)
-    _mark_embedded(db, version_id, embedded)
+    serving = active_version(db, ModelKind.EMBEDDER)
+    previous = serving.collection if serving is not None else None
+    if previous is not None and previous != collection:
+        _match_served(index, previous, collection, version_id, failed, failures)
+    _activate_with_rows(db, version_id, embedded)  # the switch, in one transaction
+    index.set_alias(settings.collection_alias, collection)  # its view, for other readers
     return SwapReport(
         version_id=version_id,
         previous_collection=previous,
@@ -137,6 +153,49 @@ def switch_embedder(
         images_failed=failed,
         seconds=time.perf_counter() - started,
     )
+
+
+def _match_served(
+    index: VectorIndex,
+    served: str,
+    collection: str,
+    version_id: int,
+    failed: int,
+    failures: list[str],
+) -> None:
+    """Make the new collection hold exactly the served one's points, or refuse.
+
+    A point the served collection has and the new one lacks is an image that could not be
+    re-embedded: SearchsvcError, nothing switched. A point only the new one has is an
+    image removed (``--sync``) after a re-embedding that was not switched (a crash, a
+    refusal): it is deleted here, or the switch would bring it back.
+    """
+    present = set(index.iter_point_ids(collection))
+    served_points = set(index.iter_point_ids(served))
+    missing = len(served_points - present)
+    if missing:
+        named = "; ".join(failures) if failures else "no re-embedding error reported"
+        raise SearchsvcError(
+            f"switch to embedder v{version_id} refused: {collection} misses {missing} of the "
+            f"images {served} serves ({failed} could not be re-embedded: {named}); nothing "
+            "was switched: restore the catalog where it was ingested (or ingest it from its "
+            "new place), then run the retrain again"
+        )
+    stale = present - served_points
+    if stale:
+        index.delete(collection, sorted(stale))
+
+
+def reconcile_alias(settings: Settings, db: Database, index: VectorIndex) -> None:
+    """Point the alias at the DB's active embedder's collection, where a switch that
+    stopped between its two steps left it on the old one (the DB is the truth)."""
+    serving = active_version(db, ModelKind.EMBEDDER)
+    if serving is None or not serving.collection:
+        return
+    alias = settings.collection_alias
+    current = index.resolve_alias(alias)
+    if current is not None and current != serving.collection:
+        index.set_alias(alias, serving.collection)
 
 
 def _count_indexed(db: Database) -> int:
@@ -182,11 +241,23 @@ def _indexed_pages(db: Database) -> Iterator[list[EmbedItem]]:
         ]
 
 
-def _mark_embedded(db: Database, version_id: int, embedded: list[tuple[int, str]]) -> None:
-    """Rows whose image was re-embedded (same bytes as now) belong to the new version."""
-    for start in range(0, len(embedded), PAGE):
-        chunk = dict(embedded[start : start + PAGE])
-        with db.session() as session:
+def _activate_with_rows(db: Database, version_id: int, embedded: list[tuple[int, str]]) -> None:
+    """The switch: ONE transaction makes ``version_id`` the active embedder and marks the
+    rows it re-embedded (same bytes as now) as its own, so that after a crash on either
+    side of it the DB is wholly the old state or wholly the new one."""
+    with db.session() as session:
+        session.execute(
+            update(ModelVersion)
+            .where(ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.id != version_id)
+            .values(active=False)
+        )
+        session.execute(
+            update(ModelVersion)
+            .where(ModelVersion.id == version_id)
+            .values(active=True, promoted_at=utcnow())
+        )
+        for start in range(0, len(embedded), PAGE):
+            chunk = dict(embedded[start : start + PAGE])
             current = session.execute(
                 select(Image.id, Image.content_hash).where(
                     Image.id.in_(chunk), Image.status == ImageStatus.INDEXED

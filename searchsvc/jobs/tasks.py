@@ -6,6 +6,7 @@ in-process dispatcher calls them directly. Either way the same code runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ from searchsvc.storage.pixels import PixelStore
 from searchsvc.storage.versions import version as registered_version
 
 
+class TaskTimeLimitExceeded(SearchsvcError):
+    """A task ran past its own deadline (SEARCHSVC_TASK_TIME_LIMIT_S, or the rerank
+    timeout): it stops, in any pool, and its work is left for a re-run."""
+
+
 @dataclass
 class TaskContext:
     """What a process needs to run tasks: built once per process (worker or CLI)."""
@@ -72,14 +78,33 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
             f"embedder version {version.id} writes collection {version.collection}, "
             f"not {request.collection}"
         )
+    settings = ctx.settings
+    deadline = time.monotonic() + settings.task_time_limit_s
+
+    def check_deadline(doing: str) -> None:
+        if time.monotonic() > deadline:
+            raise TaskTimeLimitExceeded(
+                f"embed task past its time limit of {settings.task_time_limit_s:g} s while "
+                f"{doing} (SEARCHSVC_TASK_TIME_LIMIT_S); its images stay pending"
+            )
+
     embedder = ctx.models.embedder(version)
     ledger = DeliveryLedger(ctx.db, ctx.settings.embed_max_deliveries)
     unfinished = ledger.unfinished(request.items)
     results: dict[int, EmbedResult] = {}
+
+    def delivered(items: list[EmbedItem]) -> dict[int, EmbedResult]:
+        ledger.started(items)
+        try:
+            done = _embed_items(request, items, ctx, embedder, check_deadline)
+        except TaskTimeLimitExceeded:
+            ledger.finished(items)  # out of time is not a delivery that died
+            raise
+        ledger.finished(items)
+        return done
+
     if not any(unfinished.values()):
-        ledger.started(request.items)
-        results = _embed_items(request, request.items, ctx, embedder)
-        ledger.finished(request.items)
+        results = delivered(request.items)
     else:
         # An earlier delivery of these images died: one image at a time, each counted
         # alone, so that only the one under way when a worker dies is held against it.
@@ -89,9 +114,7 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
                 reason = ledger.give_up(item, deliveries, request.embedder_version)
                 results[item.image_id] = EmbedResult(item.image_id, error=reason)
                 continue
-            ledger.started([item])
-            results.update(_embed_items(request, [item], ctx, embedder))
-            ledger.finished([item])
+            results.update(delivered([item]))
     return EmbedResponse(
         embedder_version=request.embedder_version,
         results=[results[item.image_id] for item in request.items],
@@ -100,7 +123,11 @@ def embed_images(request: EmbedRequest, ctx: TaskContext) -> EmbedResponse:
 
 
 def _embed_items(
-    request: EmbedRequest, items: list[EmbedItem], ctx: TaskContext, embedder: Embedder
+    request: EmbedRequest,
+    items: list[EmbedItem],
+    ctx: TaskContext,
+    embedder: Embedder,
+    check_deadline: Callable[[str], None],
 ) -> dict[int, EmbedResult]:
     size = embedder.info.input_size
     settings = ctx.settings
@@ -113,6 +140,7 @@ def _embed_items(
     for image_id, reason in checked.refused.items():
         results[image_id] = EmbedResult(image_id, error=reason)
     for item in checked.items.values():
+        check_deadline(f"reading {item.path}")
         try:
             data = read_image_bytes(Path(item.path), settings.max_image_bytes)
             if content_hash(data) != item.content_hash:
@@ -137,7 +165,9 @@ def _embed_items(
         ctx.pixels.put_many(
             (item.content_hash, pixels) for item, pixels in zip(ok_items, pixel_rows, strict=True)
         )
+        check_deadline("about to embed")
         vectors = embedder.embed(np.stack(pixel_rows), batch_size=settings.batch_size)
+        check_deadline("embedding")  # the caller has given up on it: write nothing
         if request.write_index:
             ctx.index.upsert(
                 request.collection,
@@ -179,7 +209,19 @@ def rerank(request: RerankRequest, ctx: TaskContext) -> RerankResponse:
     check_candidate_hashes(request.candidate_hashes, ctx.settings.rerank_max_batch_pairs)
     candidates = [ctx.pixels.get(digest, size) for digest in request.candidate_hashes]
     loaded = time.perf_counter()
-    distances = [float(d) for d in batcher.run([(query, c) for c in candidates])]
+    # The caller stops waiting after its rerank timeout (and answers from the first
+    # stage); the task stops waiting on the shared forward too, in any pool, instead of
+    # holding a thread. (Loading a model, once per process, is not counted against it.)
+    future = batcher.submit([(query, c) for c in candidates])
+    try:
+        scores = future.result(timeout=ctx.settings.rerank_timeout_s)
+    except concurrent.futures.TimeoutError:
+        future.cancel()  # not scored if its forward has not begun
+        raise TaskTimeLimitExceeded(
+            f"rerank past its deadline of {ctx.settings.rerank_timeout_s:g} s "
+            "(SEARCHSVC_RERANK_TIMEOUT_S)"
+        ) from None
+    distances = [float(d) for d in scores]
     done = time.perf_counter()
     return RerankResponse(
         stir_version=version.id,

@@ -90,6 +90,10 @@ class MicroBatcher(Generic[Item, Out]):
             batch = self._take_batch()
             if batch is None:
                 return
+            # A caller that stopped waiting (its deadline passed) cancelled its request.
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             items = [item for request in batch for item in request.items]
             try:
                 outputs = list(self._batch_fn(items))

@@ -25,8 +25,8 @@ from searchsvc.core.images import content_hash, decode_image, resize_center_crop
 from searchsvc.index import SearchHit, VectorIndex
 from searchsvc.models.cache import ModelCache
 from searchsvc.models.fusion import resolve_top_n
-from searchsvc.storage.db import Database, Image, Product, QueryLog
-from searchsvc.storage.versions import VersionRef, embedder_of_collection
+from searchsvc.storage.db import Database, Image, ImageStatus, ModelKind, Product, QueryLog
+from searchsvc.storage.versions import VersionRef, active_version
 
 # How many points to fetch per wanted product: a product has several images, and results are
 # products. If the first fetch yields too few distinct products, the fetch grows.
@@ -133,14 +133,15 @@ def group_by_product(hits: list[SearchHit], limit: int) -> list[Candidate]:
 
 
 def served_embedder(db: Database, index: VectorIndex, alias: str) -> VersionRef:
-    """The embedder whose collection ``alias`` names: the alias, not the DB flag, is the one
-    switch queries follow, so a swap takes effect for readers in one step."""
-    collection = index.resolve_alias(alias)
-    if collection is None:
+    """The DB's active embedder, with its collection: the one source of truth that ingest
+    and removals follow too, switched in one transaction (``jobs.switch``); the alias is
+    only its view for other readers, and may lag after a crash until reconciled."""
+    version = active_version(db, ModelKind.EMBEDDER)
+    if version is None or index.resolve_alias(alias) is None:
         raise SearchsvcError(
             f"the index has no collection '{alias}' yet: run 'searchsvc ingest CATALOG' first"
         )
-    return embedder_of_collection(db, collection)
+    return version
 
 
 RecordQuery = Callable[["QueryResponse", bytes, str, dict[str, str], int, RerankOutcome], None]
@@ -310,11 +311,33 @@ class SearchService:
             hits = self.index.search(version.collection, vector, limit=limit, filters=filters)
             # Prices live in the DB, not in the index payload: the range applies to the hits,
             # and the fetch grows (as for products with many images) until enough remain.
-            kept = hits if price_range is None else self._in_price_range(hits, *price_range)
+            kept = self._live(hits)
+            if price_range is not None:
+                kept = self._in_price_range(kept, *price_range)
             candidates = group_by_product(kept, top_k)
             if len(candidates) >= top_k or len(hits) < limit or limit >= MAX_FETCH:
                 return candidates
             limit = min(limit * 4, MAX_FETCH)
+
+    def _live(self, hits: list[SearchHit]) -> list[SearchHit]:
+        """Hits whose image and product are not marked removed: a point can outlive its
+        row's removal (a sync that stopped between the DB and the index, a collection
+        switched back to), and a removed product is never an answer."""
+        if not hits:
+            return hits
+        with self.db.session() as session:
+            live = set(
+                session.scalars(
+                    select(Image.id)
+                    .join(Product, Product.id == Image.product_id)
+                    .where(
+                        Image.id.in_({hit.image_id for hit in hits}),
+                        Image.status != ImageStatus.REMOVED,
+                        Product.removed.is_(False),
+                    )
+                )
+            )
+        return [hit for hit in hits if hit.image_id in live]
 
     def _in_price_range(
         self, hits: list[SearchHit], low: float | None, high: float | None
