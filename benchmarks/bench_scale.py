@@ -93,7 +93,10 @@ def generate(root: Path, images: int, seed: int = 0) -> dict[str, Any]:
 def _settings(root: Path) -> Any:
     from searchsvc.core.config import load_settings
 
-    return load_settings(env={"SEARCHSVC_HOME": str(root / "home")})
+    env = {"SEARCHSVC_HOME": str(root / "home")}
+    if "SEARCHSVC_VAL_SAMPLE_IMAGES" in os.environ:
+        env["SEARCHSVC_VAL_SAMPLE_IMAGES"] = os.environ["SEARCHSVC_VAL_SAMPLE_IMAGES"]
+    return load_settings(env=env)
 
 
 def ingest(root: Path) -> dict[str, Any]:
@@ -279,6 +282,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path)
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--retrain-steps", type=int, default=20)
+    parser.add_argument(
+        "--val-sample",
+        type=int,
+        help="SEARCHSVC_VAL_SAMPLE_IMAGES for the eval and retrain phases (default: the "
+        "setting's default)",
+    )
     parser.add_argument("--child")
     parser.add_argument("--write-results", metavar="NAME")
     parser.add_argument("--roots", type=Path, nargs="*", default=[])
@@ -305,6 +314,8 @@ def main() -> None:
         "PYTHONPATH": str(REPO),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
     }
+    if args.val_sample:
+        env["SEARCHSVC_VAL_SAMPLE_IMAGES"] = str(args.val_sample)
     for phase in args.phases.split(","):
         command = [
             sys.executable,
@@ -323,6 +334,8 @@ def main() -> None:
             sys.exit(f"{phase} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
         line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
         results["phases"][phase] = json.loads(line[len("RESULT ") :])
+        if args.val_sample and phase in ("eval", "retrain"):
+            results["phases"][phase]["val_sample_images_setting"] = args.val_sample
         print(phase, json.dumps(results["phases"][phase]), flush=True)
         results_file.write_text(json.dumps(results, indent=2))
 
