@@ -229,14 +229,14 @@ def child(phase: str, root: Path, images: int, steps: int) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def write_results(name: str, roots: list[Path], exclusive: bool) -> None:
+def write_results(name: str, roots: list[Path], exclusive: bool, machine: str) -> None:
     runs = {}
     for root in roots:
         data = json.loads((root / "results.json").read_text())
         runs[str(data["images"])] = data
     record = {
         "benchmark": "bench_scale",
-        "machine": "epyc-zen3",
+        "machine": machine,
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "commit": git_commit(),
@@ -249,7 +249,7 @@ def write_results(name: str, roots: list[Path], exclusive: bool) -> None:
     lines = [
         f"# bench_scale: {name}",
         "",
-        f"Machine epyc-zen3 ({cpu_name()}, {os.cpu_count()} cores); commit {git_commit()}; "
+        f"Machine {machine} ({cpu_name()}, {os.cpu_count()} cores); commit {git_commit()}; "
         + ("timed phases ran exclusive." if exclusive else "the machine was SHARED."),
         "",
         "| images | ingest img/s | ingest peak RSS MiB | search p50/p99 ms | "
@@ -291,12 +291,13 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--write-results", metavar="NAME")
     parser.add_argument("--roots", type=Path, nargs="*", default=[])
+    parser.add_argument("--machine", default="epyc-zen3", help="the machine's name in results")
     parser.add_argument(
         "--shared", action="store_true", help="the timed phases did not run exclusive"
     )
     args = parser.parse_args()
     if args.write_results:
-        write_results(args.write_results, args.roots, exclusive=not args.shared)
+        write_results(args.write_results, args.roots, not args.shared, args.machine)
         return
     if args.child:
         child(args.child, args.root, args.images, args.retrain_steps)
