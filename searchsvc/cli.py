@@ -437,6 +437,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     run_server(_settings(ctx), host=host, port=port, workers=workers)
 
 
+@main.command()
 @click.option("--apply", is_flag=True, help="Remove what is found (default: a dry run).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from searchsvc.core.profiles import EmbedderSpec
 from searchsvc.models.embedder import EmbeddingNet
@@ -36,6 +38,7 @@ from searchsvc.models.runtime import (
     training_forward,
 )
 from trainer.data import TrainSet
+from trainer.distributed import SINGLE, Distributed
 from trainer.loop import (
     CALIBRATION_STEPS,
     Budget,
@@ -110,15 +113,18 @@ def train_embedder(
     state_path: Path | None = None,
     log: Log = stderr_log,
     progress: bool = True,
+    distributed: Distributed = SINGLE,
 ) -> TrainResult:
     """Train ``net`` in place; on return it holds the best weights (by validation), in
-    eval mode. With ``state_path`` the run resumes from (and keeps saving) that state."""
+    eval mode. With ``state_path`` the run resumes from (and keeps saving) that state.
+    ``distributed``: this process's rank in a ``torchrun`` run (:mod:`trainer.distributed`):
+    each rank trains on its share of every epoch's batches, DDP averaging the gradients."""
     started = time.monotonic()
     config = config.resolve(net.spec)
     device = select_device(config.device)
     dtype = training_autocast_dtype(device, config.precision)
     net.to(device).train()
-    recipe = EmbedderRecipe(net, data, config, device, dtype)
+    recipe = EmbedderRecipe(net, data, config, device, dtype, distributed)
     return run_training(
         recipe,
         planned=config.steps or config.epochs * recipe.steps_per_epoch,
@@ -147,10 +153,12 @@ class EmbedderRecipe(Recipe):
         config: EmbedderTrainConfig,
         device: torch.device,
         dtype: torch.dtype | None,
+        distributed: Distributed = SINGLE,
     ) -> None:
         """``config``: resolved (:meth:`EmbedderTrainConfig.resolve`)."""
         assert config.lr is not None and config.crop_scale is not None
         self.net = net
+        self.distributed = distributed
         self.spec = net.spec
         self.data = data
         self.config = config
@@ -161,6 +169,14 @@ class EmbedderRecipe(Recipe):
         self.sampler = BalancedBatchSampler(
             data.labels, config.n_labels, config.n_instances, config.seed
         )
+        if len(self.sampler) < distributed.world:
+            raise ValueError(
+                f"{len(self.sampler)} balanced batches per epoch for {distributed.world} "
+                "processes: every process needs a batch (fewer processes, or smaller batches)"
+            )
+        # The loop validates, snapshots and saves ``net`` itself; only the training
+        # forward goes through DDP, whose backward averages the gradients of all ranks.
+        self.forward_net: nn.Module = DistributedDataParallel(net) if distributed.active else net
         self._optimizer = torch.optim.AdamW(
             net.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -169,10 +185,20 @@ class EmbedderRecipe(Recipe):
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.sampler)
+        # Every rank takes the same number of steps (a rank left without a batch would
+        # leave the others waiting in the gradient all-reduce): the remainder is dropped.
+        return len(self.sampler) // self.distributed.world
 
     def batches(self, epoch: int) -> Iterator[np.ndarray]:
-        return self.sampler.epoch(epoch)
+        if not self.distributed.active:
+            yield from self.sampler.epoch(epoch)
+            return
+        rank, world = self.distributed.rank, self.distributed.world
+        for n, batch in enumerate(self.sampler.epoch(epoch)):
+            if n >= self.steps_per_epoch * world:
+                return
+            if n % world == rank:
+                yield batch
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -198,7 +224,7 @@ class EmbedderRecipe(Recipe):
         )
         labels = torch.as_tensor(self.data.labels[batch], device=self.device)
         with training_forward(self.net, self.device, self.dtype):
-            embeddings = self.net(views)
+            embeddings = self.forward_net(views)
         stats = triplet_loss(embeddings, labels, margin=config.margin, mining=self.mining)
         return StepLoss(stats.loss, {"active_triplets": stats.active})
 

@@ -82,6 +82,7 @@ from searchsvc.storage.db import Database, ModelKind
 from searchsvc.storage.pixels import PixelStore
 from searchsvc.storage.versions import VersionRef, active_version, merge_metrics
 from trainer.data import TrainSet
+from trainer.distributed import SINGLE, Distributed, current, init_from_env, shutdown
 from trainer.embedder import EmbedderTrainConfig, train_embedder
 from trainer.loop import Budget, Log, TrainResult, stderr_log
 from trainer.pixel_rows import write_pixel_rows
@@ -273,6 +274,8 @@ class _Run:
     train_set: TrainSet
     run_dir: Path
     log: Log
+    distributed: Distributed = SINGLE
+    """This process's rank under ``torchrun`` (:mod:`trainer.distributed`)."""
 
 
 def retrain(
@@ -326,13 +329,35 @@ def retrain(
             report.seconds = time.monotonic() - started
             return report
 
-        state = _RunState(run_dir, fingerprint, fresh=not config.resume)
+        distributed = current()
+        if distributed.active:
+            if budget_s is not None:
+                raise SearchsvcError(
+                    "a distributed retrain takes step counts (--embedder-steps), not "
+                    "--max-minutes: each process would plan its own steps"
+                )
+            if not distributed.is_main:  # its own folder: rank 0's alone is recorded
+                run_dir = run_dir.with_name(f"{run_dir.name}-rank{distributed.rank}")
+        # A distributed run does not resume: every rank would have to resume at one step.
+        state = _RunState(run_dir, fingerprint, fresh=not config.resume or distributed.active)
         loader = PixelLoader(settings.max_image_bytes, settings.max_image_pixels, services.pixels)
         val_set = EvalSet.from_split(split, loader)
         train_set, negatives = _training_pixels(
             split, loader, load_size, config.progress, log, run_dir / TRAIN_PIXELS
         )
-        run = _Run(settings, config, services, state, data, split, val_set, train_set, run_dir, log)
+        run = _Run(
+            settings,
+            config,
+            services,
+            state,
+            data,
+            split,
+            val_set,
+            train_set,
+            run_dir,
+            log,
+            distributed,
+        )
         share = config.embedder_share if config.only == "both" else 1.0
         total = Budget(None if budget_s is None else started + budget_s)
         embedder_budget = Budget(None if budget_s is None else started + share * budget_s)
@@ -343,6 +368,11 @@ def retrain(
             report.stages["embedder"] = outcome
             if outcome.decision is not None and outcome.decision.passed:
                 serving_after = new_net
+        if not distributed.is_main:
+            # Trained its share; rank 0 evaluates, gates, records, promotes, trains STIR.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            report.seconds = time.monotonic() - started
+            return report
         if (
             config.only in ("both", "stir")
             and budget_s is not None
@@ -533,6 +563,8 @@ def _run_stage(run: _Run, stage: _Stage[Net]) -> tuple[StageOutcome, Net]:
         net, outcome.train = stage.train(candidate_file)
         progress["train"] = outcome.train
         run.state.save()
+    if not run.distributed.is_main:
+        return outcome, net  # rank 0 alone judges and records
 
     if "version_id" in progress:  # the decision a resumed run already recorded
         outcome.candidate_version = progress["version_id"]
@@ -595,15 +627,18 @@ def _embedder_stage(
             ).base.metrics
 
         state_file = run.run_dir / "embedder-state.safetensors"
+        main_rank = run.distributed.is_main
         result = train_embedder(
             net,
             run.train_set,
             config.embedder,
-            validate=validate,
+            # Rank 0 picks the best weights; the others' copies are never recorded.
+            validate=validate if main_rank else None,
             budget=budget,
-            state_path=state_file,
+            state_path=state_file if main_rank else None,
             log=run.log,
-            progress=config.progress,
+            progress=config.progress and main_rank,
+            distributed=run.distributed,
         )
         record = _training_record(run, result, "embedder", net.spec)
         save_embedder(net.cpu(), candidate_file, {"training": record})
@@ -879,6 +914,7 @@ def main(
     @handle_errors
     def run() -> None:
         settings = load_settings(overrides={"home": home} if home is not None else None)
+        distributed = init_from_env(settings.device)
         config = RetrainConfig.for_settings(settings)
         embedder_changes: dict[str, Any] = {}
         stir_changes: dict[str, Any] = {}
@@ -909,7 +945,12 @@ def main(
             resume=not fresh,
             progress=not no_progress and not as_json,
         )
-        report = retrain(settings, config)
+        try:
+            report = retrain(settings, config)
+        finally:
+            shutdown()
+        if not distributed.is_main:
+            return  # rank 0 reports
         if as_json:
             click.echo(json.dumps(report.to_json(), indent=2, default=str))
             return

@@ -249,6 +249,7 @@ class SqlitePixelStore(PixelStore):
 
     def keys(self) -> Iterator[StoredKey]:
         # A connection of its own: the cursor stays open while the caller iterates.
+        self.root.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
         try:
             connection.execute(_SCHEMA)

@@ -735,7 +735,9 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
                         "no image could be used: "
                         + "; ".join(f"{p.item}: {p.reason}" for p in staged.problems),
                     )
-                summary = backend.ingest(staged.root, sync=True)
+                # The staged root holds this one product: its sync removes only the photos
+                # the request dropped, which is what a PUT means, so no share limit applies.
+                summary = backend.ingest(staged.root, sync=True, max_delete=DeleteLimit())
             metrics.observe_ingest(summary.counts())
             view = product_view(db, product_id)
             if view is None:  # every image failed to embed
