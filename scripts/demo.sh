@@ -17,8 +17,11 @@ DEMO=${DEMO:-$PWD/demo}
 # from the TEST split, so it has seen none of them. START_WEIGHTS= (empty) starts from a
 # seeded random init instead. Used only when $SEARCHSVC_HOME has no embedder yet.
 START_WEIGHTS=${START_WEIGHTS-$PWD/models/start/small-fmnist.safetensors}
-if [ -n "$START_WEIGHTS" ]; then
+if [ -n "$START_WEIGHTS" ] && [ -f "$START_WEIGHTS" ]; then
     export SEARCHSVC_EMBEDDER_WEIGHTS=$START_WEIGHTS
+elif [ -n "$START_WEIGHTS" ]; then
+    echo "no start checkpoint at $START_WEIGHTS (make it: see models/start/README.md);" \
+        "starting from a seeded random init" >&2
 fi
 section() { printf '\n== %s\n' "$1"; }
 # Each step says how long it took, so a newcomer knows what to expect next time.
