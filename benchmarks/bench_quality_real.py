@@ -75,6 +75,7 @@ CELL = int(WORK_SIDE / (GRID + 2 * MARGIN_CELLS))
 ORIGIN = (WORK_SIDE - GRID * CELL) / 2
 PHOTO_SIDE = 80
 """Photos are rendered at this side, then resized to the profile's load size."""
+DEFAULT_MIN_STD = 6.0
 ROLE_OF_ROW = {0: "train", 1: "train", 2: "train", 3: "train", 4: "train", 5: "val"}
 """Rows of the grid not listed (6, 7) are test products."""
 
@@ -180,7 +181,10 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=SOURCE)
     parser.add_argument("--photos", type=int, default=5, help="photos per product")
     parser.add_argument(
-        "--min-std", type=float, default=6.0, help="drop cells flatter than this (grey std)"
+        "--min-std",
+        type=float,
+        default=DEFAULT_MIN_STD,
+        help="drop cells flatter than this (grey std)",
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="small")
     args = parser.parse_args()

@@ -1,8 +1,9 @@
 """The served STIR in fp32 and in bf16 autocast, side by side: speed and CMC@1.
 
-Loads a trained embedder and STIR (``--save-models`` of ``bench_quality_instance.py``),
-builds that benchmark's test photos (same seed, same products: its ``photos_of`` and its
-draw of articles), ranks them with the embedder in fp32 (the index's precision), and
+Loads a trained embedder and STIR (``--save-models`` of ``bench_quality_instance.py``, or
+of ``bench_quality_real.py`` with ``--benchmark real``), builds that benchmark's test
+photos (same seed, same products: its ``photos_of`` and its draw of products), ranks
+them with the embedder in fp32 (the index's precision), and
 reranks every query's first ``--top-n`` with the STIR at its own fusion weight and pair
 order, once per precision, through :class:`searchsvc.models.stir.StirScorer` (the query
 path's scorer; pairs in batches of ``--batch``, as ``SEARCHSVC_RERANK_MAX_BATCH_PAIRS``).
@@ -45,6 +46,13 @@ PRECISIONS = ("fp32", "bf16")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument(
+        "--benchmark",
+        choices=["instance", "real"],
+        default="instance",
+        help="whose test photos: bench_quality_instance.py's or bench_quality_real.py's "
+        "(the models should come from the same benchmark's --save-models)",
+    )
     parser.add_argument("--train-products", type=int, default=20_000)
     parser.add_argument("--test-products", type=int, default=2_000)
     parser.add_argument("--photos", type=int, default=5)
@@ -64,23 +72,32 @@ def main() -> None:
     stir_net = load_stir(args.models / "stir.safetensors")
     size = embedder.info.input_size
 
-    # The instance benchmark's draw: training articles first, then the test articles.
-    train_images, _ = load_fashion_mnist("train", args.cache_dir)
-    test_images, _ = load_fashion_mnist("test", args.cache_dir)
-    rng = np.random.default_rng(args.seed)
-    rng.choice(len(train_images), min(args.train_products, len(train_images)), replace=False)
-    test_articles = rng.choice(
-        len(test_images), min(args.test_products, len(test_images)), replace=False
-    )
-    px, labels = photos_of(
-        test_images,
-        test_articles,
-        "test",
-        args.photos,
-        args.seed,
-        ViewParams(),
-        load_size_for(size),
-    )
+    if args.benchmark == "real":
+        import bench_quality_real as real
+
+        images, products = real.products_of(
+            real.source_files(real.SOURCE), args.seed, real.DEFAULT_MIN_STD
+        )
+        test = [p for p in products if p["role"] == "test"]
+        px, labels = real.photos_of(images, test, args.photos, args.seed, load_size_for(size))
+    else:
+        # The instance benchmark's draw: training articles first, then the test articles.
+        train_images, _ = load_fashion_mnist("train", args.cache_dir)
+        test_images, _ = load_fashion_mnist("test", args.cache_dir)
+        rng = np.random.default_rng(args.seed)
+        rng.choice(len(train_images), min(args.train_products, len(train_images)), replace=False)
+        test_articles = rng.choice(
+            len(test_images), min(args.test_products, len(test_images)), replace=False
+        )
+        px, labels = photos_of(
+            test_images,
+            test_articles,
+            "test",
+            args.photos,
+            args.seed,
+            ViewParams(),
+            load_size_for(size),
+        )
     eval_px = resize_pixels(px, size)
     eval_set = ArrayEvalSet(labels, labels, np.arange(len(labels)), {size: (eval_px, eval_px)})
     first = rank_chunked(eval_set, embedder, depth=10)
