@@ -29,6 +29,7 @@ from typing import Annotated, Any, Protocol
 
 import anyio
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -262,7 +263,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
     write_lock = threading.Lock()  # catalog writes one at a time; searches never wait on it
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorBody} for code in (401, 403, 404, 408, 413, 415, 422, 503)
+        code: {"model": ErrorBody} for code in (400, 401, 403, 404, 408, 413, 415, 422, 503)
     }
 
     def warm_up() -> None:
@@ -368,7 +369,8 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, None, str(exc.detail))
+        # 400 is the framework's answer to a body it cannot parse (malformed JSON or form).
+        return _error(exc.status_code, "body" if exc.status_code == 400 else None, str(exc.detail))
 
     # ------------------------------------------------------------------ middleware
     if settings.api_cors_origins:
@@ -791,7 +793,9 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         dependencies=read,
         summary="A catalog image's file (the page's thumbnails)",
     )
-    async def image_file(image_id: int) -> Response:
+    async def image_file(
+        image_id: Annotated[int, PathParam(ge=1, le=2**63 - 1)],
+    ) -> Response:
         def run() -> tuple[bytes, str]:
             with db.session() as session:
                 row = session.get(Image, image_id)
