@@ -54,6 +54,7 @@ from searchsvc.core.images import read_image_bytes
 from searchsvc.index import IndexMode, VectorIndex
 from searchsvc.jobs.ingest import IngestSummary
 from searchsvc.jobs.products import product_view, remove_product, stage_product
+from searchsvc.jobs.switch import SwapReport
 from searchsvc.models.cache import ModelCache
 from searchsvc.serving.feedback import record_feedback
 from searchsvc.serving.http.metrics import ApiMetrics
@@ -73,6 +74,7 @@ from searchsvc.serving.http.models import (
     ProductUpdateOut,
     Readiness,
     SearchJson,
+    SwitchIn,
 )
 from searchsvc.serving.search import QueryResponse, RerankStage, SearchService, served_embedder
 from searchsvc.storage.catalog import ProductRecord, check_product_id
@@ -112,6 +114,8 @@ class ServiceBackend(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def check_broker(self) -> None: ...
+
+    def switch_embedder(self, version_id: int) -> SwapReport: ...
 
 
 class ApiError(Exception):
@@ -841,6 +845,36 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
                 **summary.counts(),
                 "problems": [{"item": p.item, "reason": p.reason} for p in summary.problems],
             }
+
+        return await in_thread(run, timeout=False)
+
+    @app.post(
+        "/v1/admin/switch-embedder",
+        response_model=dict[str, Any],
+        responses=errors,
+        dependencies=write,
+        summary="Re-embed the catalog with an embedder version and move queries to it",
+    )
+    async def switch(body: SwitchIn) -> dict[str, Any]:
+        """What a retrain's promotion sends while this server owns the embedded store: the
+        switch runs here, queries go on being answered by the old pair until the alias
+        moves."""
+        if not local_ingest:
+            raise ApiError(
+                403,
+                None,
+                "switches go through this server only when it owns an embedded store on the "
+                "loopback interface",
+            )
+
+        def run() -> dict[str, Any]:
+            with write_lock:
+                try:
+                    return backend.switch_embedder(body.version_id).to_json()
+                except NotFoundError as exc:
+                    raise ApiError(404, "body.version_id", str(exc)) from None
+                except SearchsvcError as exc:
+                    raise ApiError(422, "body.version_id", str(exc)) from None
 
         return await in_thread(run, timeout=False)
 
