@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=64)
     parser.add_argument("--cold-photos", type=int, default=4)
     parser.add_argument("--out", type=Path, help="Write <out>.json and <out>.md.")
+    parser.add_argument("--note", default="", help="What else ran on the machine, for the report.")
     parser.add_argument(
         "--exclusive",
         action="store_true",
@@ -165,6 +166,7 @@ def main() -> None:
             "git_commit": git_commit(),
             "command": " ".join(sys.argv),
             "exclusive": args.exclusive,
+            "note": args.note,
         },
         "setup": {
             "catalog": f"demo {args.products} products x {args.views} photos (Fashion-MNIST)",
@@ -292,7 +294,8 @@ def render(report: dict[str, Any]) -> str:
         f"# bench_serve, {m['date']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['git_commit']}; "
-        + ("ran exclusive (flock -x /tmp/cpu.lock)" if m["exclusive"] else "machine shared"),
+        + ("ran exclusive (flock -x /tmp/cpu.lock)" if m["exclusive"] else "machine shared")
+        + (f" ({m['note']})" if m["note"] else ""),
         f"Command: `{m['command']}`",
         f"Setup: {report['setup']['catalog']}, {report['setup']['images_indexed']} images, "
         f"small profile; {report['setup']['stir']}; {report['setup']['seconds_per_load']:g} s "
