@@ -34,6 +34,8 @@ def test_cli_commands_reach_the_server_and_queries_never_fail_during_an_ingest(
             r["product_id"] for r in by_api["results"]
         ]
         assert by_cli["results"][0]["product_id"] == "p003"
+        table = cli(home, "query", str(photo), "--top-k", "2").splitlines()
+        assert table[0].startswith("query ") and "p003" in table[2]
         assert json.loads(cli(home, "status", "--json"))["products"] == 8
         assert "feedback" in cli(home, "feedback", by_cli["query_id"], "p003")
 
