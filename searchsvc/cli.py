@@ -289,8 +289,7 @@ def query(
     if server is not None:
         import base64
         import urllib.parse
-
-        from searchsvc.serving.search import QueryResponse
+        from types import SimpleNamespace
 
         params = {
             k: v
@@ -302,13 +301,16 @@ def query(
             }.items()
             if v is not None
         }
-        response = QueryResponse.from_json(
-            server.call(
-                "POST",
-                "/v1/search?" + urllib.parse.urlencode(params),
-                {"image_b64": base64.b64encode(data).decode()},
-                timeout=settings.api_request_timeout_s + 10,
-            )
+        answer = server.call(
+            "POST",
+            "/v1/search?" + urllib.parse.urlencode(params),
+            {"image_b64": base64.b64encode(data).decode()},
+            timeout=settings.api_request_timeout_s + 10,
+        )
+        # The answer as attributes, without importing the query path (and torch) here.
+        response = SimpleNamespace(
+            **{**answer, "results": [SimpleNamespace(**r) for r in answer["results"]]},
+            to_json=lambda: answer,
         )
     else:
         app = _app(settings)

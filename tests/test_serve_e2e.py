@@ -310,6 +310,12 @@ def test_limits_and_bad_input_get_json_errors_naming_the_field(
     assert bad_n.json()["errors"][0]["field"] == "query.rerank_top_n"
     extra = api.post("/v1/search", json={"image_b64": b64(catalog.held_out["p001"]), "x": 1})
     assert extra.status_code == 422 and extra.json()["errors"][0]["field"] == "body.x"
+    no_folder = api.post("/v1/ingest", json={"catalog": "/nonexistent/catalog"})
+    assert no_folder.status_code == 422
+    assert no_folder.json()["errors"][0]["field"] == "body.catalog"
+    no_version = api.post("/v1/admin/switch-embedder", json={"version_id": 999})
+    assert no_version.status_code == 404
+    assert no_version.json()["errors"][0]["field"] == "body.version_id"
 
 
 def test_metrics_openapi_and_page(api: httpx.Client, shop: tuple[GeneratedCatalog, Path]) -> None:

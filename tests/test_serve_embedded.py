@@ -34,6 +34,8 @@ def test_cli_commands_reach_the_server_and_queries_never_fail_during_an_ingest(
             r["product_id"] for r in by_api["results"]
         ]
         assert by_cli["results"][0]["product_id"] == "p003"
+        table = cli(home, "query", str(photo), "--top-k", "2").splitlines()
+        assert table[0].startswith("query ") and "p003" in table[2]
         assert json.loads(cli(home, "status", "--json"))["products"] == 8
         assert "feedback" in cli(home, "feedback", by_cli["query_id"], "p003")
 
@@ -81,3 +83,64 @@ def test_cli_commands_reach_the_server_and_queries_never_fail_during_an_ingest(
         assert status["products"] == 40 and status["indexed_points"] >= 120
         found = json.loads(cli(home, "query", str(second.held_out["p030"]), "--json"))
         assert found["results"][0]["product_id"] == "p030"
+
+
+def test_a_retrains_switch_goes_through_the_server_and_queries_keep_answering(
+    tmp_path: Path,
+) -> None:
+    from searchsvc.app import App
+    from searchsvc.core.config import load_settings
+    from searchsvc.jobs.model_files import register_version
+    from searchsvc.storage.db import ModelKind
+    from searchsvc.storage.versions import active_version
+    from trainer.retrain import RetrainServices
+
+    catalog = make_catalog(tmp_path / "catalog", products=30, views=3)
+    home = tmp_path / "home"
+    cli(home, "ingest", str(catalog.root), "--no-progress")
+    settings = load_settings(env={"SEARCHSVC_HOME": str(home)})
+
+    with running_server(home) as server:
+        app = App(settings)  # the retrain's own: DB and pixels, never the index
+        try:
+            serving = active_version(app.db, ModelKind.EMBEDDER)
+            assert serving is not None
+            # A new version with the same weights: the promotion's switch is under test.
+            candidate = register_version(app.db, settings, ModelKind.EMBEDDER, serving.file)
+            services = RetrainServices.of(app)
+            versions: list[int] = []
+            failures: list[str] = []
+            stop = threading.Event()
+
+            def shopper() -> None:
+                data = catalog.held_out["p004"].read_bytes()
+                with server.client() as client:
+                    while not stop.is_set():
+                        response = client.post("/v1/search", files={"image": ("q.jpg", data)})
+                        if response.status_code != 200:
+                            failures.append(f"{response.status_code}: {response.text[:200]}")
+                        else:
+                            versions.append(response.json()["embedder_version"])
+
+            threads = [threading.Thread(target=shopper) for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            try:
+                while len(versions) < 3 and not failures:
+                    time.sleep(0.05)
+                swap = services.switch_embedder(candidate, None)
+                after = len(versions)
+                while len(versions) < after + 3 and not failures:
+                    time.sleep(0.05)
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join()
+        finally:
+            app.close()
+        assert failures == []
+        assert swap.version_id == candidate and swap.images_embedded == 90
+        assert versions[0] == serving.id and versions[-1] == candidate
+        assert set(versions) == {serving.id, candidate}
+        status = json.loads(cli(home, "status", "--json"))
+        assert status["collection"] == f"images_v{candidate}"

@@ -257,6 +257,13 @@ class RetrainServices:
 
     @classmethod
     def of(cls, app: App) -> RetrainServices:
+        """The app's services; the switch goes through a running `searchsvc serve` where one
+        owns the embedded store (it cannot be opened beside it)."""
+        from searchsvc.serving.http.local import find_local_server, switch_through
+
+        server = find_local_server(app.settings)
+        if server is not None:
+            return cls(app.db, app.pixels, switch_through(server))
         return cls(app.db, app.pixels, app.switch_embedder)
 
 

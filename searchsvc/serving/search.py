@@ -108,13 +108,6 @@ class QueryResponse:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> QueryResponse:
-        """The inverse of :meth:`to_json` (an answer read back from the HTTP API)."""
-        fields = dict(data)
-        fields["results"] = [ProductResult(**r) for r in fields["results"]]
-        return cls(**fields)
-
 
 def group_by_product(hits: list[SearchHit], limit: int) -> list[Candidate]:
     """Best image per product, in first-stage order, at most ``limit`` products."""

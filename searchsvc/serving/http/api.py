@@ -29,6 +29,7 @@ from typing import Annotated, Any, Protocol
 
 import anyio
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -53,6 +54,7 @@ from searchsvc.core.images import read_image_bytes
 from searchsvc.index import IndexMode, VectorIndex
 from searchsvc.jobs.ingest import DeleteLimit, IngestSummary, SyncRefused, parse_delete_limit
 from searchsvc.jobs.products import product_view, remove_product, stage_product
+from searchsvc.jobs.switch import SwapReport
 from searchsvc.models.cache import ModelCache
 from searchsvc.serving.feedback import record_feedback
 from searchsvc.serving.http.metrics import ApiMetrics
@@ -72,6 +74,7 @@ from searchsvc.serving.http.models import (
     ProductUpdateOut,
     Readiness,
     SearchJson,
+    SwitchIn,
 )
 from searchsvc.serving.search import QueryResponse, RerankStage, SearchService, served_embedder
 from searchsvc.storage.catalog import ProductRecord, check_product_id
@@ -113,6 +116,8 @@ class ServiceBackend(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def check_broker(self) -> None: ...
+
+    def switch_embedder(self, version_id: int) -> SwapReport: ...
 
 
 class ApiError(Exception):
@@ -264,7 +269,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
     write_lock = threading.Lock()  # catalog writes one at a time; searches never wait on it
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorBody} for code in (401, 403, 404, 408, 413, 415, 422, 503)
+        code: {"model": ErrorBody} for code in (400, 401, 403, 404, 408, 413, 415, 422, 503)
     }
 
     def warm_up() -> None:
@@ -370,7 +375,8 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, None, str(exc.detail))
+        # 400 is the framework's answer to a body it cannot parse (malformed JSON or form).
+        return _error(exc.status_code, "body" if exc.status_code == 400 else None, str(exc.detail))
 
     # ------------------------------------------------------------------ middleware
     if settings.api_cors_origins:
@@ -795,7 +801,9 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         dependencies=read,
         summary="A catalog image's file (the page's thumbnails)",
     )
-    async def image_file(image_id: int) -> Response:
+    async def image_file(
+        image_id: Annotated[int, PathParam(ge=1, le=2**63 - 1)],
+    ) -> Response:
         def run() -> tuple[bytes, str]:
             with db.session() as session:
                 row = session.get(Image, image_id)
@@ -854,6 +862,36 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
                 **summary.counts(),
                 "problems": [{"item": p.item, "reason": p.reason} for p in summary.problems],
             }
+
+        return await in_thread(run, timeout=False)
+
+    @app.post(
+        "/v1/admin/switch-embedder",
+        response_model=dict[str, Any],
+        responses=errors,
+        dependencies=write,
+        summary="Re-embed the catalog with an embedder version and move queries to it",
+    )
+    async def switch(body: SwitchIn) -> dict[str, Any]:
+        """What a retrain's promotion sends while this server owns the embedded store: the
+        switch runs here, queries go on being answered by the old pair until the alias
+        moves."""
+        if not local_ingest:
+            raise ApiError(
+                403,
+                None,
+                "switches go through this server only when it owns an embedded store on the "
+                "loopback interface",
+            )
+
+        def run() -> dict[str, Any]:
+            with write_lock:
+                try:
+                    return backend.switch_embedder(body.version_id).to_json()
+                except NotFoundError as exc:
+                    raise ApiError(404, "body.version_id", str(exc)) from None
+                except SearchsvcError as exc:
+                    raise ApiError(422, "body.version_id", str(exc)) from None
 
         return await in_thread(run, timeout=False)
 

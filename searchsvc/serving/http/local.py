@@ -11,6 +11,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,18 @@ def find_local_server(settings: Settings) -> LocalServer | None:
     except SearchsvcError:
         return None
     return server
+
+
+def switch_through(server: LocalServer) -> Callable[[int, Callable[[int, int], None] | None], Any]:
+    """A retrain's embedder switch sent to the server that owns the store (its progress
+    callback is not called: the server reports only the outcome)."""
+
+    def switch(version_id: int, progress: Callable[[int, int], None] | None = None) -> Any:
+        from searchsvc.jobs.switch import SwapReport
+
+        answer = server.call(
+            "POST", "/v1/admin/switch-embedder", {"version_id": version_id}, timeout=None
+        )
+        return SwapReport(**answer)
+
+    return switch

@@ -126,6 +126,11 @@ class IngestIn(BaseModel):
     force: bool = Field(default=False, description="With sync: no limit on what it removes.")
 
 
+class SwitchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version_id: int = Field(ge=1, le=2**63 - 1)
+
+
 class Readiness(BaseModel):
     ready: bool
     missing: list[str] = Field(description="What is not ready yet, and why.")
