@@ -304,47 +304,42 @@ class SearchService:
             hits = self.index.search(version.collection, vector, limit=limit, filters=filters)
             # Prices live in the DB, not in the index payload: the range applies to the hits,
             # and the fetch grows (as for products with many images) until enough remain.
-            kept = self._live(hits)
-            if price_range is not None:
-                kept = self._in_price_range(kept, *price_range)
+            kept = self._live(hits, price_range)
             candidates = group_by_product(kept, top_k)
             if len(candidates) >= top_k or len(hits) < limit or limit >= MAX_FETCH:
                 return candidates
             limit = min(limit * 4, MAX_FETCH)
 
-    def _live(self, hits: list[SearchHit]) -> list[SearchHit]:
-        """Hits whose image and product are not marked removed: a point can outlive its
-        row's removal (a sync that stopped between the DB and the index, a collection
-        switched back to), and a removed product is never an answer."""
+    def _live(
+        self,
+        hits: list[SearchHit],
+        price_range: tuple[float | None, float | None] | None = None,
+    ) -> list[SearchHit]:
+        """Hits whose image and product are not marked removed (a point can outlive its
+        row's removal: a sync that stopped between the DB and the index, a collection
+        switched back to; a removed product is never an answer) and, with ``price_range``,
+        whose product has a price within it. One query for both: it runs on every fetch."""
         if not hits:
             return hits
-        with self.db.session() as session:
-            live = set(
-                session.scalars(
-                    select(Image.id)
-                    .join(Product, Product.id == Image.product_id)
-                    .where(
-                        Image.id.in_({hit.image_id for hit in hits}),
-                        Image.status != ImageStatus.REMOVED,
-                        Product.removed.is_(False),
-                    )
-                )
+        live = (
+            select(Image.id)
+            .join(Product, Product.id == Image.product_id)
+            .where(
+                Image.id.in_({hit.image_id for hit in hits}),
+                Image.status != ImageStatus.REMOVED,
+                Product.removed.is_(False),
             )
-        return [hit for hit in hits if hit.image_id in live]
-
-    def _in_price_range(
-        self, hits: list[SearchHit], low: float | None, high: float | None
-    ) -> list[SearchHit]:
-        wanted = select(Product.id).where(
-            Product.id.in_({hit.product_id for hit in hits}), Product.price.is_not(None)
         )
-        if low is not None:
-            wanted = wanted.where(Product.price >= low)
-        if high is not None:
-            wanted = wanted.where(Product.price <= high)
+        if price_range is not None:
+            low, high = price_range
+            live = live.where(Product.price.is_not(None))
+            if low is not None:
+                live = live.where(Product.price >= low)
+            if high is not None:
+                live = live.where(Product.price <= high)
         with self.db.session() as session:
-            allowed = set(session.scalars(wanted))
-        return [hit for hit in hits if hit.product_id in allowed]
+            kept = set(session.scalars(live))
+        return [hit for hit in hits if hit.image_id in kept]
 
     def _products(self, candidates: list[Candidate]) -> list[ProductResult]:
         with self.db.session() as session:
