@@ -84,8 +84,8 @@ PROFILES: Mapping[str, EmbedderSpec] = MappingProxyType(
         # The small profile at twice the input side: 64x64 pixels, a three-layer conv stem
         # (patch 8) down to the same 8x8 token grid, the same width and depth. The blocks
         # cost what the small profile's cost; only the stem sees 4x the pixels. For
-        # catalogs of colour photographs whose detail 32 px loses (benchmarks/results/
-        # input_size/ has the side-by-side figures).
+        # catalogs of colour photographs whose detail 32 px loses. Not yet measured against
+        # the small profile on the quality benchmarks (issue 19): the default stays small.
         "small64": EmbedderSpec(
             timm_name="vit_small_patch16_224",
             input_size=64,
