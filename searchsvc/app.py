@@ -232,6 +232,7 @@ def asgi_app() -> Any:
     ``searchsvc serve --workers N`` replica process runs (cluster settings)."""
     from searchsvc.core.config import load_settings
     from searchsvc.serving.http.api import create_api
+    from searchsvc.serving.http.listen import listening_socket
 
     return create_api(App(load_settings()))
 
@@ -239,12 +240,11 @@ def asgi_app() -> Any:
 def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     """Run the HTTP API until interrupted. Embedded defaults: one process owns the store
     and announces its address in the home, for the CLI's other commands to reach it."""
-    import socket
-
     import uvicorn
 
     from searchsvc.core.errors import ConfigError
     from searchsvc.serving.http.api import create_api
+    from searchsvc.serving.http.listen import listening_socket
     from searchsvc.serving.http.local import announce, withdraw
 
     embedded = not settings.qdrant_url
@@ -256,13 +256,7 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
             )
         uvicorn.run("searchsvc.app:asgi_app", factory=True, host=host, port=port, workers=workers)
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    sock = listening_socket(host, port)
     bound = sock.getsockname()[1]
     loopback = host in {"127.0.0.1", "localhost", "::1"}
     app = App(settings)
