@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from quality_common import (
-    PROFILE,
     ArrayEvalSet,
     budgets,
     check_steps,
@@ -119,7 +118,7 @@ def main() -> None:
     machine = machine_info()
     log(f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads")
 
-    spec = profile_spec(PROFILE)
+    spec = profile_spec(args.profile)
     size, load = spec.input_size, load_size_for(spec.input_size)
     params = ViewParams()
     stop = timed(timings, "data_s")
@@ -178,6 +177,7 @@ def main() -> None:
             seed=args.seed, precision=args.precision, steps=args.embedder_steps
         ),
         save_models=args.save_models,
+        profile=args.profile,
     )
     timings["total_s"] = time.monotonic() - started
     counts.update(
@@ -200,7 +200,7 @@ def main() -> None:
         "stir_steps": args.stir_steps,
         "seed": args.seed,
         "precision": args.precision,
-        "profile": PROFILE,
+        "profile": args.profile,
         "input_size": size,
         "load_size": load,
         "model_selection": "validation CMC@1 per epoch (STIR: with its fusion weight calibrated)"

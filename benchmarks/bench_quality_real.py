@@ -56,7 +56,6 @@ from quality_common import (
     write_outputs,
 )
 
-from searchsvc.core.profiles import PROFILES
 from searchsvc.learning.evaluation import TOP_NS
 from searchsvc.learning.training_data import load_size_for
 from searchsvc.models.embedder import profile_spec
@@ -186,7 +185,6 @@ def main() -> None:
         default=DEFAULT_MIN_STD,
         help="drop cells flatter than this (grey std)",
     )
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="small")
     args = parser.parse_args()
     check_steps(parser, args)
     if args.photos < 2:

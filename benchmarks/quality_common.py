@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from machine import cpu_name, git_commit
 
+from searchsvc.core.profiles import PROFILES
 from searchsvc.learning.evaluation import (
     KS,
     REPORTED,
@@ -534,6 +535,12 @@ def common_arguments(
         "--stir-steps",
         type=int,
         help="train STIR exactly this many steps, with no time budget (replaces --stir-minutes)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=PROFILE,
+        help="embedder profile (its input size); STIR is built from the same network",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
