@@ -232,7 +232,6 @@ def asgi_app() -> Any:
     ``searchsvc serve --workers N`` replica process runs (cluster settings)."""
     from searchsvc.core.config import load_settings
     from searchsvc.serving.http.api import create_api
-    from searchsvc.serving.http.listen import listening_socket
 
     return create_api(App(load_settings()))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,18 @@ def test_metrics_openapi_and_page(api: httpx.Client, shop: tuple[GeneratedCatalo
     } <= set(schema["paths"])
     page = api.get("/")
     assert page.status_code == 200 and 'id="results"' in page.text
+
+
+def test_docs_page_loads_its_scripts_from_the_server(api: httpx.Client) -> None:
+    docs = api.get("/docs")
+    assert docs.status_code == 200
+    # Every script and stylesheet the page names is on this server: it opens offline.
+    sources = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert sources and all(s.startswith("/") for s in sources), sources
+    for source in sources:
+        asset = api.get(source)
+        assert asset.status_code == 200 and len(asset.content) > 500, source
+    assert "/openapi.json" in docs.text
 
 
 def test_readiness_during_start_up_and_the_time_limit(tmp_path: Path) -> None:

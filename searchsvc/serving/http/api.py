@@ -31,6 +31,7 @@ import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from PIL import Image as PILImage
@@ -40,7 +41,9 @@ from sqlalchemy import select, text
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
 
 from searchsvc.core.config import Settings
 from searchsvc.core.errors import (
@@ -86,6 +89,7 @@ log = logging.getLogger(__name__)
 MAX_TOP_K = 200
 MAX_OFFSET = 1000
 PAGE = Path(__file__).with_name("page.html")
+DOCS_ASSETS = "/docs-assets"
 _SUFFIX_MEDIA = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -330,6 +334,8 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         version="1",
         summary="Image search for product catalogs: upload a photo, get the products.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the installed swagger-ui files, not a CDN
+        redoc_url=None,
     )
 
     def require(scope_needed: str) -> Callable[..., None]:
@@ -935,6 +941,20 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    # The API's docs page opens offline (a shop's backend often has no internet): its
+    # scripts come from the swagger-ui-bundle package, not from a CDN.
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="searchsvc API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
     app.state.service_state = state
     app.state.metrics = metrics
