@@ -48,3 +48,55 @@ def test_fallback_reasons_become_bounded_metric_labels() -> None:
     assert reason_label("reranker failed: ModelError: file x is gone") == "reranker failed"
     assert reason_label("reranker timed out after 2 s") == "reranker timed out after 2 s"
     assert reason_label("") == "unknown"
+
+
+def test_image_url_fetching_is_off_by_default() -> None:
+    settings = load_settings(env={})
+    assert settings.api_image_url_hosts == ""
+    assert settings.api_image_url_allowlist == frozenset()
+    assert settings.api_image_url_timeout_s == 5.0
+
+
+def test_image_url_hosts_parse_into_host_port_pairs() -> None:
+    settings = load_settings(
+        env={"SEARCHSVC_API_IMAGE_URL_HOSTS": " CDN.Example.com, 127.0.0.1:8080,[::1]:9000 "}
+    )
+    assert settings.api_image_url_allowlist == {
+        ("cdn.example.com", None),
+        ("127.0.0.1", 8080),
+        ("::1", 9000),
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("https://cdn.example.com", "scheme"),
+        ("cdn.example.com/images", "path"),
+        ("cdn.example.com,,other.example.com", "empty"),
+        ("cdn.example.com,", "empty"),
+        ("cdn example com", "host name"),
+        ("cdn.example.com:0", "port"),
+        ("cdn.example.com:70000", "port"),
+        ("cdn.example.com:http", "host name"),
+        ("a..b", "host name"),
+    ],
+)
+def test_a_bad_image_url_host_names_the_setting(value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"SEARCHSVC_API_IMAGE_URL_HOSTS": value})
+    assert "SEARCHSVC_API_IMAGE_URL_HOSTS" in str(caught.value)
+    assert says in str(caught.value)
+
+
+def test_an_image_url_host_with_user_information_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"SEARCHSVC_API_IMAGE_URL_HOSTS": "user:s3cret@cdn.example.com"})
+    assert "SEARCHSVC_API_IMAGE_URL_HOSTS" in str(caught.value) and "'@'" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_image_url_timeout_must_be_positive_and_finite(value: str) -> None:
+    with pytest.raises(ConfigError, match="SEARCHSVC_API_IMAGE_URL_TIMEOUT_S"):
+        load_settings(env={"SEARCHSVC_API_IMAGE_URL_TIMEOUT_S": value})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -139,6 +140,14 @@ class Settings:
     """How long the API works on one search or product update before answering 408."""
     api_max_batch_images: int = 16
     """Photos one ``POST /v1/search/batch`` may carry."""
+    api_image_url_hosts: str = ""
+    """Hosts ``POST /v1/search`` may fetch a JSON ``image_url`` from, comma-separated
+    ``host`` or ``host:port`` (no scheme, path or user): http and https only, every redirect
+    hop checked again; an entry without a port allows the scheme's default port (80, 443)
+    only. Empty (default): fetching by URL is off. Fetched files obey ``max_image_bytes``
+    and ``max_image_pixels`` like uploads."""
+    api_image_url_timeout_s: float = 5.0
+    """The whole of one ``image_url`` fetch (connecting, redirects, the body) before 408."""
     val_sample_images: int = 20_000
     """At most this many validation images are evaluated (whole products, chosen by a hash
     seeded by ``split_seed``, the same for every model compared): evaluation memory and
@@ -184,6 +193,15 @@ class Settings:
         return scopes
 
     @property
+    def api_image_url_allowlist(self) -> frozenset[tuple[str, int | None]]:
+        """``(host, port)`` pairs parsed from ``api_image_url_hosts`` (host lower-cased,
+        port None: the scheme's default port only); empty: fetching by URL is off."""
+        return frozenset(
+            parse_host_entry(entry)
+            for entry in filter(None, (p.strip() for p in self.api_image_url_hosts.split(",")))
+        )
+
+    @property
     def workers_write_index(self) -> bool:
         if self.index_writer == "auto":
             return bool(self.qdrant_url)
@@ -206,6 +224,28 @@ class Settings:
             "pixel_store": self.pixel_store,
             "config_file": str(self.config_file) if self.config_file else "",
         }
+
+
+_HOST_ENTRY = re.compile(
+    r"(?P<host>[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::(?P<port>[0-9]{1,5}))?"
+)
+
+
+def parse_host_entry(entry: str) -> tuple[str, int | None]:
+    """``host`` or ``host:port`` (``[::1]:8080`` for IPv6) -> ``(host, port or None)``, the
+    host lower-cased without brackets; ValueError naming the problem otherwise."""
+    text = entry.strip().lower()
+    if "@" in text:
+        raise ValueError("an entry must not carry user information ('@')")
+    if "://" in text or "/" in text:
+        raise ValueError("an entry is a host or host:port, without a scheme or a path")
+    match = _HOST_ENTRY.fullmatch(text)
+    if match is None or ".." in text:
+        raise ValueError("an entry is a host name, an IPv4 address or [IPv6], and a :port")
+    port = int(match["port"]) if match["port"] is not None else None
+    if port is not None and not 0 < port < 65536:
+        raise ValueError("a port is between 1 and 65535")
+    return match["host"].strip("[]"), port
 
 
 def redact_url(url: str) -> str:
@@ -326,10 +366,21 @@ def _validate(settings: Settings) -> None:
         "embed_task_resend_s",
         "task_time_limit_s",
         "api_request_timeout_s",
+        "api_image_url_timeout_s",
     ):
         seconds = getattr(settings, name)
         if not math.isfinite(seconds) or seconds <= 0:
             fail(name, "must be a positive, finite number of seconds")
+    entries = [part.strip() for part in settings.api_image_url_hosts.split(",")]
+    if settings.api_image_url_hosts.strip() and not all(entries):
+        fail("api_image_url_hosts", "an entry is empty (stray comma)")
+    for entry in filter(None, entries):
+        try:
+            parse_host_entry(entry)
+        except ValueError as exc:
+            if "@" in entry:  # may carry a password: the value stays out of the message
+                raise ConfigError(f"{_env_name('api_image_url_hosts')}: {exc}") from None
+            raise ConfigError(f"{_env_name('api_image_url_hosts')}: {exc}, got {entry!r}") from None
     if not 0.0 <= settings.sync_max_delete_fraction <= 1.0:
         fail("sync_max_delete_fraction", "must be between 0 and 1")
     if not math.isfinite(settings.query_retention_days) or settings.query_retention_days < 0:

@@ -60,6 +60,7 @@ from searchsvc.jobs.products import product_view, remove_product, stage_product
 from searchsvc.jobs.switch import SwapReport
 from searchsvc.models.cache import ModelCache
 from searchsvc.serving.feedback import record_feedback
+from searchsvc.serving.http.fetch import FetchError, ImageFetcher
 from searchsvc.serving.http.metrics import ApiMetrics
 from searchsvc.serving.http.models import (
     BatchItem,
@@ -433,6 +434,36 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
                 f"{settings.max_image_pixels}",
             )
 
+    fetcher = (
+        ImageFetcher(
+            settings.api_image_url_allowlist,
+            max_bytes=settings.max_image_bytes,
+            timeout_s=settings.api_image_url_timeout_s,
+        )
+        if settings.api_image_url_allowlist
+        else None
+    )
+
+    async def fetched(url: str) -> bytes:
+        """The photo at ``url`` (blocking: fetched in a thread, within the request's time)."""
+        if fetcher is None:
+            raise ApiError(
+                422,
+                "body.image_url",
+                "fetching photos by URL is off: SEARCHSVC_API_IMAGE_URL_HOSTS names the "
+                "hosts it may fetch from (send the photo as multipart 'image' or image_b64)",
+            )
+        state.services()  # 503 before any fetch while the service is not ready
+
+        def run() -> bytes:
+            try:
+                return fetcher.fetch(url)
+            except FetchError as exc:
+                raise ApiError(exc.status, "body.image_url", exc.reason) from None
+
+        data: bytes = await in_thread(run)
+        return data
+
     async def photos_of(request: Request, *, many: bool) -> list[tuple[str, bytes]]:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         field = "images" if many else "image"
@@ -456,10 +487,17 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
                     batch = BatchJson.model_validate_json(body)
                     encoded = batch.images_b64
                 else:
-                    encoded = [SearchJson.model_validate_json(body).image_b64]
+                    one = SearchJson.model_validate_json(body)
+                    if one.image_url is not None:
+                        return [("image_url", await fetched(one.image_url))]
+                    assert one.image_b64 is not None  # exactly one of the two: validated
+                    encoded = [one.image_b64]
             except ValidationError as exc:
                 first = exc.errors()[0]
-                where = ".".join(str(part) for part in first.get("loc", ())) or "body"
+                loc = first.get("loc", ())
+                # A search field's loc may go on with the arm of its Optional ("str").
+                parts = loc if many else loc[:1]
+                where = ".".join(str(part) for part in parts) or "body"
                 raise ApiError(422, f"body.{where}", first["msg"]) from None
             if many and len(encoded) > settings.api_max_batch_images:
                 raise ApiError(
@@ -588,7 +626,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         responses=errors,
         dependencies=read,
         openapi_extra=search_body,
-        summary="Products matching a photo (multipart 'image', or JSON image_b64)",
+        summary="Products matching a photo (multipart 'image', JSON image_b64 or image_url)",
     )
     async def search(
         request: Request, p: Annotated[SearchParams, Depends(search_params)]
@@ -596,7 +634,8 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         photos = await photos_of(request, many=False)
         service, _ = state.services()
         name, data = photos[0]
-        return await in_thread(lambda: answer(service, data, name, p, "image"))
+        field = "body.image_url" if name == "image_url" else "image"
+        return await in_thread(lambda: answer(service, data, name, p, field))
 
     @app.post(
         "/v1/search/batch",
@@ -604,7 +643,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         responses=errors,
         dependencies=read,
         openapi_extra=batch_body,
-        summary="Several photos at once (multipart 'images', or JSON images_b64)",
+        summary="Several photos at once (multipart 'images', or JSON images_b64; no URLs)",
     )
     async def search_batch(
         request: Request, p: Annotated[SearchParams, Depends(search_params)]

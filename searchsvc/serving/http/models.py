@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from searchsvc.serving.search import QueryResponse
 
 MAX_PRODUCT_IMAGES = 32
+MAX_IMAGE_URL_CHARS = 2048
 
 
 class ErrorItem(BaseModel):
@@ -25,11 +27,57 @@ class ErrorBody(BaseModel):
 
 
 class SearchJson(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image_b64: str = Field(description="The photo's file bytes, base64.", min_length=1)
+    """Exactly one of ``image_b64`` or ``image_url``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["image_b64"], "not": {"required": ["image_url"]}},
+                {"required": ["image_url"], "not": {"required": ["image_b64"]}},
+            ]
+        },
+    )
+    # Constraints checked by the validators below, declared in the schema by hand: on the
+    # Optional itself pydantic would apply them to None, and on its str arm name the arm
+    # ("image_url.constrained-str") in errors.
+    image_b64: str | SkipJsonSchema[None] = Field(
+        default=None,
+        description="The photo's file bytes, base64.",
+        json_schema_extra={"minLength": 1},
+    )
+    image_url: str | SkipJsonSchema[None] = Field(
+        default=None,
+        description="An http(s) URL the server fetches the photo from: off unless "
+        "SEARCHSVC_API_IMAGE_URL_HOSTS names its host (redirects checked again, "
+        "SEARCHSVC_MAX_IMAGE_BYTES and SEARCHSVC_API_IMAGE_URL_TIMEOUT_S apply).",
+        json_schema_extra={"minLength": 1, "maxLength": MAX_IMAGE_URL_CHARS},
+    )
+
+    @field_validator("image_b64", "image_url")
+    @classmethod
+    def not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("image_url")
+    @classmethod
+    def not_too_long(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > MAX_IMAGE_URL_CHARS:
+            raise ValueError(f"at most {MAX_IMAGE_URL_CHARS} characters")
+        return value
+
+    @model_validator(mode="after")
+    def exactly_one_photo(self) -> SearchJson:
+        if (self.image_b64 is None) == (self.image_url is None):
+            raise ValueError("give exactly one of image_b64 or image_url")
+        return self
 
 
 class BatchJson(BaseModel):
+    """Photos by value only: a batch fetches no ``image_url``."""
+
     model_config = ConfigDict(extra="forbid")
     images_b64: list[str] = Field(min_length=1, description="Photos' file bytes, base64 each.")
 
