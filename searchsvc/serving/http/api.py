@@ -21,7 +21,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,8 +339,9 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         redoc_url=None,
     )
 
-    def require(scope_needed: str) -> Callable[..., None]:
-        def check(request: Request, key: str | None = Depends(key_header)) -> None:
+    def require(scope_needed: str) -> Callable[..., Awaitable[None]]:
+        # async: cheap checks run on the event loop, not a hop to a worker thread each.
+        async def check(request: Request, key: str | None = Depends(key_header)) -> None:
             keys = settings.api_key_scopes
             if not keys:
                 return
@@ -533,7 +534,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
             )
         return SearchParams(wanted, offset, filters, price_min, price_max, rerank, rerank_top_n)
 
-    def similar_params(
+    async def similar_params(
         top_k: int | None = Query(None, ge=1, le=MAX_TOP_K, description="Products to return."),
         offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Skip this many (pagination)."),
         category: str | None = Query(None, min_length=1, max_length=255),
@@ -545,7 +546,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         filters = {"category": category} if category else {}
         return make_params(top_k, offset, filters, price_min, price_max, rerank, rerank_top_n)
 
-    def search_params(
+    async def search_params(
         top_k: int | None = Query(None, ge=1, le=MAX_TOP_K, description="Products to return."),
         offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Skip this many (pagination)."),
         category: str | None = Query(None, min_length=1, max_length=255),
