@@ -44,19 +44,17 @@ from typing import Any
 import numpy as np
 import torch
 from quality_common import (
-    PROFILE,
     ArrayEvalSet,
-    budgets,
     check_steps,
     common_arguments,
+    compare,
     log,
     machine_info,
-    run_comparison,
+    run_settings,
     timed,
     write_outputs,
 )
 
-from searchsvc.learning.evaluation import TOP_NS
 from searchsvc.learning.training_data import load_size_for
 from searchsvc.models.embedder import profile_spec
 from trainer.augment import resize_pixels
@@ -118,7 +116,7 @@ def main() -> None:
     query_idx = np.sort(
         rng.choice(len(test_images), min(args.queries, len(test_images)), replace=False)
     )
-    spec = profile_spec(PROFILE)
+    spec = profile_spec(args.profile)
     size, load = spec.input_size, load_size_for(spec.input_size)
     gallery_load = resize_pixels(grey_to_rgb(train_images[gallery_idx]), load)
     query_load = resize_pixels(grey_to_rgb(test_images[query_idx]), load)
@@ -154,18 +152,13 @@ def main() -> None:
         f"training {len(train_rows)}, validation {args.val_size}"
     )
 
-    rows, training, counts = run_comparison(
+    rows, training, counts = compare(
+        args,
         train_set=train_set,
         eval_set=eval_set,
         val_set=val_set,
-        **budgets(args),
-        stir_steps=args.stir_steps,
-        seed=args.seed,
-        precision=args.precision,
-        chunk=args.chunk,
-        gallery_is_train=val_set is None,
         timings=timings,
-        progress=not args.no_progress,
+        gallery_is_train=val_set is None,
         embedder_config=EmbedderTrainConfig(
             seed=args.seed,
             precision=args.precision,
@@ -175,7 +168,6 @@ def main() -> None:
             all_triplets_fraction=args.all_triplets_fraction,
         ),
         validate_embedder=False,
-        save_models=args.save_models,
     )
     timings["total_s"] = time.monotonic() - started
     settings = {
@@ -184,14 +176,7 @@ def main() -> None:
         "relevance": "same article type (label)",
         "gallery": f"{len(gallery_idx)} training images (seeded subset when < 60000)",
         "queries": f"{len(query_idx)} test images (seeded subset when < 10000)",
-        **budgets(args),
-        "embedder_steps": args.embedder_steps,
-        "stir_steps": args.stir_steps,
-        "seed": args.seed,
-        "precision": args.precision,
-        "profile": PROFILE,
-        "input_size": size,
-        "load_size": load,
+        **run_settings(args, size, load),
         "val_size": args.val_size,
         "model_selection": "embedder: none (last weights); STIR: validation CMC@1 with "
         "its fusion weight calibrated, per epoch"
@@ -200,8 +185,6 @@ def main() -> None:
         "steps": f"cap {STEPS_CAP}: the time budget decides (one batch per epoch at 10 labels)"
         if args.embedder_steps is None
         else f"embedder: exactly {args.embedder_steps} (--embedder-steps, no time budget)",
-        "top_ns": list(TOP_NS),
-        "args": {k: str(v) for k, v in vars(args).items()},
     }
     report: dict[str, Any] = {
         "title": "Retrieval quality, class level (Fashion-MNIST)",

@@ -36,24 +36,22 @@ from typing import Any
 import numpy as np
 import torch
 from quality_common import (
-    ArrayEvalSet,
-    budgets,
     check_steps,
     common_arguments,
+    compare,
     log,
     machine_info,
-    run_comparison,
+    run_settings,
+    sop_set,
     timed,
     write_outputs,
 )
 
 from searchsvc.learning.datasets import ViewParams, load_fashion_mnist, make_view
-from searchsvc.learning.evaluation import TOP_NS
 from searchsvc.learning.training_data import load_size_for
 from searchsvc.models.embedder import profile_spec
 from trainer.augment import resize_pixels
 from trainer.data import TrainSet
-from trainer.embedder import EmbedderTrainConfig
 
 SPLIT_IDS = {"train": 0, "test": 1}
 
@@ -143,17 +141,11 @@ def main() -> None:
         val_px, val_labels = photos_of(
             train_images, val_articles, "train", args.photos, args.seed, params, load
         )
-        val_eval = resize_pixels(val_px, size)
-        val_set = ArrayEvalSet(
-            val_labels, val_labels, np.arange(len(val_labels)), {size: (val_eval, val_eval)}
-        )
+        val_set = sop_set(val_px, val_labels, size)
     test_px, test_labels = photos_of(
         test_images, test_articles, "test", args.photos, args.seed, params, load
     )
-    test_eval = resize_pixels(test_px, size)
-    eval_set = ArrayEvalSet(
-        test_labels, test_labels, np.arange(len(test_labels)), {size: (test_eval, test_eval)}
-    )
+    eval_set = sop_set(test_px, test_labels, size)
     stop()
     log(
         f"data ({timings['data_s']:.0f} s): {len(fit_articles)} training products, "
@@ -161,23 +153,8 @@ def main() -> None:
         f"{args.photos} photos each"
     )
 
-    rows, training, counts = run_comparison(
-        train_set=train_set,
-        eval_set=eval_set,
-        val_set=val_set,
-        **budgets(args),
-        stir_steps=args.stir_steps,
-        seed=args.seed,
-        precision=args.precision,
-        chunk=args.chunk,
-        gallery_is_train=False,
-        timings=timings,
-        progress=not args.no_progress,
-        embedder_config=EmbedderTrainConfig(
-            seed=args.seed, precision=args.precision, steps=args.embedder_steps
-        ),
-        save_models=args.save_models,
-        profile=args.profile,
+    rows, training, counts = compare(
+        args, train_set=train_set, eval_set=eval_set, val_set=val_set, timings=timings
     )
     timings["total_s"] = time.monotonic() - started
     counts.update(
@@ -195,19 +172,10 @@ def main() -> None:
         "protocol": "SOP: every test photo queries the others, itself excluded",
         "train_products_from": "train split",
         "test_products_from": "test split",
-        **budgets(args),
-        "embedder_steps": args.embedder_steps,
-        "stir_steps": args.stir_steps,
-        "seed": args.seed,
-        "precision": args.precision,
-        "profile": args.profile,
-        "input_size": size,
-        "load_size": load,
+        **run_settings(args, size, load),
         "model_selection": "validation CMC@1 per epoch (STIR: with its fusion weight calibrated)"
         if val_set
         else "none (last weights)",
-        "top_ns": list(TOP_NS),
-        "args": {k: str(v) for k, v in vars(args).items()},
     }
     report: dict[str, Any] = {
         "title": "Retrieval quality, instance level (Fashion-MNIST products, make_view photos)",

@@ -45,23 +45,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from quality_common import (
-    ArrayEvalSet,
-    budgets,
     check_steps,
     common_arguments,
+    compare,
     log,
     machine_info,
-    run_comparison,
+    run_settings,
+    sop_set,
     timed,
     write_outputs,
 )
 
-from searchsvc.learning.evaluation import TOP_NS
 from searchsvc.learning.training_data import load_size_for
 from searchsvc.models.embedder import profile_spec
 from trainer.augment import resize_pixels
 from trainer.data import TrainSet
-from trainer.embedder import EmbedderTrainConfig
 
 SOURCE = Path("/usr/share/backgrounds/gnome")
 WORK_SIDE = 1024
@@ -212,15 +210,9 @@ def main() -> None:
     fit_px, fit_labels = photos_of(images, by_role["train"], args.photos, args.seed, load)
     train_set = TrainSet(fit_px, fit_labels)
     val_px, val_labels = photos_of(images, by_role["val"], args.photos, args.seed, load)
-    val_eval = resize_pixels(val_px, size)
-    val_set = ArrayEvalSet(
-        val_labels, val_labels, np.arange(len(val_labels)), {size: (val_eval, val_eval)}
-    )
+    val_set = sop_set(val_px, val_labels, size)
     test_px, test_labels = photos_of(images, by_role["test"], args.photos, args.seed, load)
-    test_eval = resize_pixels(test_px, size)
-    eval_set = ArrayEvalSet(
-        test_labels, test_labels, np.arange(len(test_labels)), {size: (test_eval, test_eval)}
-    )
+    eval_set = sop_set(test_px, test_labels, size)
     stop()
     log(
         f"data ({timings['data_s']:.0f} s): {len(files)} images, "
@@ -228,23 +220,12 @@ def main() -> None:
         + f", {args.photos} photos each"
     )
 
-    rows, training, counts = run_comparison(
+    rows, training, counts = compare(
+        args,
         train_set=train_set,
         eval_set=eval_set,
         val_set=val_set,
-        **budgets(args),
-        stir_steps=args.stir_steps,
-        seed=args.seed,
-        precision=args.precision,
-        chunk=args.chunk,
-        gallery_is_train=False,
         timings=timings,
-        progress=not args.no_progress,
-        embedder_config=EmbedderTrainConfig(
-            seed=args.seed, precision=args.precision, steps=args.embedder_steps
-        ),
-        save_models=args.save_models,
-        profile=args.profile,
         raw_colour=True,
     )
     timings["total_s"] = time.monotonic() - started
@@ -263,18 +244,9 @@ def main() -> None:
         "relevance": "same product",
         "protocol": "SOP: every test photo queries the others, itself excluded",
         "roles": "grid rows 0-4 train, row 5 validation, rows 6-7 test",
-        **budgets(args),
-        "embedder_steps": args.embedder_steps,
-        "stir_steps": args.stir_steps,
-        "seed": args.seed,
-        "precision": args.precision,
-        "profile": args.profile,
-        "input_size": size,
-        "load_size": load,
+        **run_settings(args, size, load),
         "raw_pixels": "colour",
         "model_selection": "validation CMC@1 per epoch (STIR: with its fusion weight calibrated)",
-        "top_ns": list(TOP_NS),
-        "args": {k: str(v) for k, v in vars(args).items()},
     }
     report: dict[str, Any] = {
         "title": "Retrieval quality, real images (GNOME wallpaper regions, camera photos)",

@@ -563,6 +563,64 @@ def check_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
 
+def sop_set(pixels: np.ndarray, labels: np.ndarray, size: int) -> ArrayEvalSet:
+    """The SOP protocol's set: every photo queries all the others (its own gallery
+    position excluded); ``pixels`` at the load size, resized here to ``size``."""
+    at_size = resize_pixels(pixels, size)
+    return ArrayEvalSet(labels, labels, np.arange(len(labels)), {size: (at_size, at_size)})
+
+
+def compare(
+    args: argparse.Namespace,
+    *,
+    train_set: TrainSet,
+    eval_set: EvalSet,
+    val_set: EvalSet | None,
+    timings: dict[str, float],
+    embedder_config: EmbedderTrainConfig | None = None,
+    gallery_is_train: bool = False,
+    validate_embedder: bool = True,
+    raw_colour: bool = False,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, Any]]:
+    """:func:`run_comparison` with what :func:`common_arguments` parsed (budgets or step
+    counts, seed, precision, profile, chunk, progress, where to save the models)."""
+    return run_comparison(
+        train_set=train_set,
+        eval_set=eval_set,
+        val_set=val_set,
+        **budgets(args),
+        stir_steps=args.stir_steps,
+        seed=args.seed,
+        precision=args.precision,
+        chunk=args.chunk,
+        gallery_is_train=gallery_is_train,
+        timings=timings,
+        progress=not args.no_progress,
+        embedder_config=embedder_config
+        or EmbedderTrainConfig(seed=args.seed, precision=args.precision, steps=args.embedder_steps),
+        validate_embedder=validate_embedder,
+        profile=args.profile,
+        raw_colour=raw_colour,
+        save_models=args.save_models,
+    )
+
+
+def run_settings(args: argparse.Namespace, size: int, load: int) -> dict[str, Any]:
+    """What every benchmark's report records of how it trained and evaluated."""
+    return {
+        **budgets(args),
+        "embedder_steps": args.embedder_steps,
+        "stir_steps": args.stir_steps,
+        "seed": args.seed,
+        "precision": args.precision,
+        "profile": args.profile,
+        "input_size": size,
+        "load_size": load,
+        "top_ns": list(TOP_NS),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+
+
 def budgets(args: argparse.Namespace) -> dict[str, Any]:
     """The training budgets as run_comparison takes them and the report records them:
     minutes, or None where an exact step count replaces them."""
