@@ -146,12 +146,13 @@ def test_broker_down_fails_fast_then_ingest_resumes(
     env = cli_env(home, {"SEARCHSVC_BROKER_URL": redis_server.url, "SEARCHSVC_BATCH_SIZE": "4"})
 
     redis_server.stop()
-    started = time.monotonic()
-    code, output = finish(searchsvc(env, "ingest", str(catalog.root)), timeout=60)
+    # Fails rather than waits: one connection attempt (3 s connect timeout), so the command
+    # ends well inside finish()'s bound, which fails the test if it hangs retrying. The
+    # bound is generous on purpose: process start-up alone takes seconds on a loaded machine.
+    code, output = finish(searchsvc(env, "ingest", str(catalog.root)), timeout=90)
     assert code == 1
     assert redis_server.url in output and "broker" in output
     assert "Traceback" not in output
-    assert time.monotonic() - started < 30
 
     redis_server.start()
     worker = start_worker(env, "embed", "embed-a")
@@ -297,13 +298,11 @@ def test_rerank_on_a_worker_pool_and_without_one(tmp_path: Path, redis_server: R
     query = catalog.held_out["p002"]
 
     # No rerank worker: the first stage answers within the deadline, flagged.
-    started = time.monotonic()
-    code, output = finish(searchsvc(env, "query", str(query), "--json"), timeout=60)
+    code, output = finish(searchsvc(env, "query", str(query), "--json"), timeout=90)
     assert code == 0, output
     alone = parse_json(output)
     assert alone["reranked"] is False and "timed out after 3 s" in alone["rerank_reason"]
-    assert alone["timings_ms"]["rerank"] < 4000
-    assert time.monotonic() - started < 30
+    assert alone["timings_ms"]["rerank"] < 4000  # the stage's own wait: its deadline
 
     # A rerank pool (threads, so that concurrent requests share a forward pass).
     worker = start_worker(env, "rerank", "rerank-a", pool="threads", concurrency=4)
