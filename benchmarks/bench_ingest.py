@@ -26,14 +26,16 @@ from pathlib import Path
 from machine import peak_rss_mib
 
 
-def run_bare(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
+def run_bare(catalog: Path, home: Path, batch_size: int, profile: str) -> dict[str, float]:
     import numpy as np
 
     from searchsvc.core.config import load_settings
     from searchsvc.core.images import load_pixels
     from searchsvc.models.embedder import Embedder, new_embedding_net, profile_spec
 
-    settings = load_settings(env={"SEARCHSVC_HOME": str(home)})
+    settings = load_settings(
+        env={"SEARCHSVC_HOME": str(home)}, overrides={"embedder_profile": profile}
+    )
     spec = profile_spec(settings.embedder_profile)
     embedder = Embedder(
         new_embedding_net(spec, seed=0), device=settings.device, precision=settings.precision
@@ -52,13 +54,14 @@ def run_bare(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
     return {"images": len(files), "seconds": seconds, "images_per_s": len(files) / seconds}
 
 
-def run_pipeline(catalog: Path, home: Path, batch_size: int) -> dict[str, float]:
+def run_pipeline(catalog: Path, home: Path, batch_size: int, profile: str) -> dict[str, float]:
     from searchsvc.app import App
     from searchsvc.core.config import load_settings
     from searchsvc.jobs.model_files import ensure_active_embedder
 
     settings = load_settings(
-        env={"SEARCHSVC_HOME": str(home)}, overrides={"batch_size": batch_size}
+        env={"SEARCHSVC_HOME": str(home)},
+        overrides={"batch_size": batch_size, "embedder_profile": profile},
     )
     app = App(settings)
     app.models.embedder(ensure_active_embedder(app.db, settings))  # load + warm up, untimed
@@ -74,8 +77,8 @@ def run_pipeline(catalog: Path, home: Path, batch_size: int) -> dict[str, float]
     }
 
 
-def child(mode: str, catalog: Path, home: Path, batch_size: int) -> None:
-    result = (run_bare if mode == "bare" else run_pipeline)(catalog, home, batch_size)
+def child(mode: str, catalog: Path, home: Path, batch_size: int, profile: str) -> None:
+    result = (run_bare if mode == "bare" else run_pipeline)(catalog, home, batch_size, profile)
     result["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=1000)
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--profile", default="small", help="embedder profile (input size)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument(
         "--workdir",
@@ -99,7 +103,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.catalog, args.home, args.batch_size)
+        child(args.child, args.catalog, args.home, args.batch_size, args.profile)
         return
 
     from searchsvc.learning.datasets import write_demo_catalog
@@ -133,6 +137,8 @@ def main() -> None:
                         str(work / f"home-{mode}-{round_number}"),
                         "--batch-size",
                         str(args.batch_size),
+                        "--profile",
+                        args.profile,
                     ],
                     env=env,
                     check=True,
@@ -154,7 +160,7 @@ def main() -> None:
     )
     print(
         f"# catalog: {args.products} Fashion-MNIST products x {args.views} photos (56x56 JPEG), "
-        f"small profile, batch {args.batch_size}, precision {args.precision}; "
+        f"{args.profile} profile, batch {args.batch_size}, precision {args.precision}; "
         f"data under {args.workdir}"
     )
     print(

@@ -53,9 +53,10 @@ from searchsvc.storage.versions import active_version
 CLIENTS = (1, 8, 32)
 
 
-def env_for(home: Path) -> dict[str, str]:
+def env_for(home: Path, settings: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its SEARCHSVC_* settings, then ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEARCHSVC_")}
-    env.update(PYTHONPATH=str(REPO), SEARCHSVC_HOME=str(home))
+    env.update(PYTHONPATH=str(REPO), SEARCHSVC_HOME=str(home), **(settings or {}))
     return env
 
 
@@ -113,13 +114,15 @@ def closed_loop(
     }
 
 
-def cli_per_photo(home: Path, photos: list[Path]) -> dict[str, Any]:
+def cli_per_photo(
+    home: Path, photos: list[Path], settings: dict[str, str] | None = None
+) -> dict[str, Any]:
     walls = []
     for photo in photos:
         began = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "searchsvc.cli", "query", str(photo), "--json"],
-            env=env_for(home),
+            env=env_for(home, settings),
             capture_output=True,
             text=True,
             timeout=300,
@@ -147,6 +150,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--photos", type=int, default=64)
     parser.add_argument("--cold-photos", type=int, default=4)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="SEARCHSVC_TORCH_THREADS for both sides (0: torch's default, one per core)",
+    )
     parser.add_argument("--out", type=Path, help="Write <out>.json and <out>.md.")
     parser.add_argument("--note", default="", help="What else ran on the machine, for the report.")
     parser.add_argument(
@@ -173,6 +182,7 @@ def main() -> None:
             "profile": "small",
             "stir": "untrained small STIR, top 5, in-process task threads",
             "seconds_per_load": args.seconds,
+            "torch_threads": args.torch_threads or "default",
         },
     }
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
@@ -181,7 +191,8 @@ def main() -> None:
             work / "demo", products=args.products, views=args.views, cache_dir=work / "cache"
         )
         home = work / "home"
-        settings = load_settings(env={"SEARCHSVC_HOME": str(home)})
+        chosen = {"SEARCHSVC_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
+        settings = load_settings(env={"SEARCHSVC_HOME": str(home), **chosen})
         app = App(settings)
         summary = app.ingest(catalog)
         embedder = active_version(app.db, ModelKind.EMBEDDER)
@@ -196,7 +207,7 @@ def main() -> None:
         photos = [p.read_bytes() for p in photo_paths]
 
         # 1. A fresh process per photo, nothing running.
-        report["cli_cold"] = cli_per_photo(home, photo_paths[: args.cold_photos])
+        report["cli_cold"] = cli_per_photo(home, photo_paths[: args.cold_photos], chosen)
         print("cli, no server:", report["cli_cold"], flush=True)
 
         # 2. In-process: the call the server makes, in this process.
@@ -227,7 +238,7 @@ def main() -> None:
         log = (work / "serve.log").open("w")
         server = subprocess.Popen(
             [sys.executable, "-m", "searchsvc.cli", "serve", "--port", "0"],
-            env=env_for(home),
+            env=env_for(home, chosen),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -266,7 +277,9 @@ def main() -> None:
                 for row in http[label]:
                     print("http", label, row, flush=True)
             report["http"] = http
-            report["cli_through_server"] = cli_per_photo(home, photo_paths[: args.cold_photos])
+            report["cli_through_server"] = cli_per_photo(
+                home, photo_paths[: args.cold_photos], chosen
+            )
             print("cli, through the server:", report["cli_through_server"], flush=True)
             report["server_peak_rss_mib"] = round(vm_hwm_mib(server.pid), 1)
         finally:
@@ -299,7 +312,8 @@ def render(report: dict[str, Any]) -> str:
         f"Command: `{m['command']}`",
         f"Setup: {report['setup']['catalog']}, {report['setup']['images_indexed']} images, "
         f"small profile; {report['setup']['stir']}; {report['setup']['seconds_per_load']:g} s "
-        "per load; client threads in the benchmark process.",
+        f"per load; torch threads {report['setup']['torch_threads']}; client threads in the "
+        "benchmark process.",
         "",
         "| path | STIR | clients | queries | QPS | p50 ms | p95 ms | p99 ms | not reranked "
         "| errors |",

@@ -39,7 +39,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-from machine import REPO, cpu_name, git_commit
+from bench_serve import env_for
+from machine import cpu_name, git_commit
 
 from searchsvc.learning.datasets import write_demo_catalog
 
@@ -51,12 +52,6 @@ class Answer:
     ok: bool
     embedder_version: int | None
     detail: str
-
-
-def env_for(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEARCHSVC_")}
-    env.update(PYTHONPATH=str(REPO), SEARCHSVC_HOME=str(home))
-    return env
 
 
 def run_command(home: Path, args: list[str], log: Path) -> tuple[float, str]:

@@ -36,7 +36,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from PIL import Image as PILImage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select, text
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -91,6 +91,7 @@ MAX_TOP_K = 200
 MAX_OFFSET = 1000
 PAGE = Path(__file__).with_name("page.html")
 DOCS_ASSETS = "/docs-assets"
+QUERY_JSON = TypeAdapter(QueryResponse)
 _SUFFIX_MEDIA = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -559,6 +560,12 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         filters = {k: v for k, v in (("category", category), ("product_id", product_id)) if v}
         return make_params(top_k, offset, filters, price_min, price_max, rerank, rerank_top_n)
 
+    def as_json(response: QueryResponse) -> Response:
+        # The answer is built by our own code, typed: serialized as it is, not validated
+        # again against its own model as FastAPI does with a returned object (the schema
+        # still comes from response_model).
+        return Response(QUERY_JSON.dump_json(response), media_type="application/json")
+
     def answer(
         service: SearchService, data: bytes, source: str, p: SearchParams, field: str
     ) -> QueryResponse:
@@ -631,12 +638,12 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
     )
     async def search(
         request: Request, p: Annotated[SearchParams, Depends(search_params)]
-    ) -> QueryResponse:
+    ) -> Response:
         photos = await photos_of(request, many=False)
         service, _ = state.services()
         name, data = photos[0]
         field = "body.image_url" if name == "image_url" else "image"
-        return await in_thread(lambda: answer(service, data, name, p, field))
+        return await in_thread(lambda: as_json(answer(service, data, name, p, field)))
 
     @app.post(
         "/v1/search/batch",
@@ -684,10 +691,10 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
     )
     async def similar(
         product_id: str, p: Annotated[SearchParams, Depends(similar_params)]
-    ) -> QueryResponse:
+    ) -> Response:
         _, service = state.services()
 
-        def run() -> QueryResponse:
+        def run() -> Response:
             with db.session() as session:
                 row = session.scalars(
                     select(Image)
@@ -711,7 +718,7 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
                 dataclasses.replace(r, rank=p.offset + position)
                 for position, r in enumerate(others, start=1)
             ]
-            return response
+            return as_json(response)
 
         return await in_thread(run)
 
