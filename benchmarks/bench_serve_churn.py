@@ -240,7 +240,9 @@ def main() -> None:
 
 def render(report: dict[str, Any], args: argparse.Namespace) -> str:
     m = report["machine"]
-    stage = report["retrain"]["report"].get("embedder", {})
+    stage = report["retrain"]["report"]["stages"]["embedder"]
+    swap = stage.get("swap") or {}
+    decision = stage.get("decision") or {}
     lines = [
         f"# bench_serve_churn, {m['date']}",
         "",
@@ -254,7 +256,9 @@ def render(report: dict[str, Any], args: argparse.Namespace) -> str:
         f"{report['ingest']['images_failed']} failed, {report['ingest']['seconds']} s "
         f"({report['ingest']['images_per_s']} img/s).",
         f"Retrain during the load: {args.embedder_steps} embedder steps, "
-        f"{report['retrain']['seconds']} s; promoted: {stage.get('promoted')}.",
+        f"{report['retrain']['seconds']} s; promoted: {stage['promoted']} "
+        f"(gate: {json.dumps(decision)[:300]}); switch: {swap.get('images_embedded')} images "
+        f"re-embedded in {swap.get('seconds')} s under the load.",
         "",
         "| phase | seconds | queries | failed | p50 ms | p95 ms | p99 ms | embedder versions |",
         "|---|---|---|---|---|---|---|---|",
