@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from searchsvc.models import runtime
-from searchsvc.models.embedder import new_embedding_net, profile_spec
+from searchsvc.models.embedder import Embedder, new_embedding_net, profile_spec
 from searchsvc.models.runtime import (
     autocast_dtype,
     cpu_has_native_bf16,
     matmul_attention,
+    rerank_autocast_dtype,
     training_autocast_dtype,
 )
+from searchsvc.models.stir import StirConfig, StirNet, StirScorer
 
 CPU = torch.device("cpu")
 
@@ -49,6 +51,21 @@ def test_training_auto_is_bf16_only_on_a_cpu_with_native_bf16(
     assert training_autocast_dtype(CPU, "fp32") is None
     assert training_autocast_dtype(CPU, "bf16") == torch.bfloat16
     assert autocast_dtype(CPU, "auto") is None
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_rerank_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_the_embedder_stays_exact(
+    native_bf16: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    assert rerank_autocast_dtype(CPU, "auto") == (torch.bfloat16 if native_bf16 else None)
+    assert rerank_autocast_dtype(CPU, "fp32") is None
+    assert rerank_autocast_dtype(CPU, "bf16") == torch.bfloat16
+    # The served STIR follows it; the embedder (vectors compared with stored ones) does not.
+    embedder_net = new_embedding_net(profile_spec("small"), seed=0)
+    stir = StirScorer(StirNet.from_embedder(embedder_net, StirConfig(spec=embedder_net.spec)))
+    assert stir.dtype == (torch.bfloat16 if native_bf16 else None)
+    assert Embedder(embedder_net, device="cpu", precision="auto").dtype is None
 
 
 def _fused_flags(net: torch.nn.Module) -> list[bool]:

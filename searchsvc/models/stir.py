@@ -61,9 +61,9 @@ from searchsvc.models.checkpoint import load_checkpoint, save_checkpoint
 from searchsvc.models.embedder import EmbeddingNet
 from searchsvc.models.runtime import (
     Precision,
-    autocast_dtype,
     inference_context,
     pixels_to_tensor,
+    rerank_autocast_dtype,
     select_device,
 )
 from searchsvc.models.stem import apply_stem
@@ -457,7 +457,7 @@ class StirScorer:
         self, net: StirNet, *, device: str = "auto", precision: Precision = "auto"
     ) -> None:
         self.device = select_device(device)
-        self.dtype = autocast_dtype(self.device, precision)
+        self.dtype = rerank_autocast_dtype(self.device, precision)
         self.net = net.eval().to(self.device)
         if self.device.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
