@@ -340,10 +340,11 @@ def create_api(backend: ServiceBackend, *, local_ingest: bool = False) -> FastAP
         redoc_url=None,
     )
 
+    keys = settings.api_key_scopes  # parsed once: settings do not change while serving
+
     def require(scope_needed: str) -> Callable[..., Awaitable[None]]:
         # async: cheap checks run on the event loop, not a hop to a worker thread each.
         async def check(request: Request, key: str | None = Depends(key_header)) -> None:
-            keys = settings.api_key_scopes
             if not keys:
                 return
             if not key:
