@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,14 @@ from celery import Celery
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
-from workers_harness import RedisServer, cli_env, searchsvc, start_worker, stop
+from workers_harness import (
+    RedisServer,
+    cli_env,
+    ctrl_c_as_at_a_terminal,
+    searchsvc,
+    start_worker,
+    stop,
+)
 
 from searchsvc.core.config import load_settings
 from searchsvc.index import EdgeIndex
@@ -35,8 +44,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 def image_counts(home: Path) -> dict[str, int]:
     """Image rows by status, read through a plain read-only SQLite connection (no schema
-    check, no ``journal_mode`` pragma to retry while the ingest writes). That this made
-    the poller faster was a hypothesis: the interrupt test still raced after it."""
+    check, no ``journal_mode`` pragma to retry while the ingest writes)."""
     engine = create_engine(f"sqlite:///file:{home / 'searchsvc.db'}?mode=ro&uri=true")
     try:
         with Session(engine) as session:
@@ -162,6 +170,26 @@ def test_broker_down_fails_fast_then_ingest_resumes(
         stop(worker)
     assert code == 0, output
     assert_indexed_exactly_once(home, 60)
+
+
+def test_commands_hear_ctrl_c_even_when_the_runner_ignores_it() -> None:
+    # The runner ignoring SIGINT (started in the background) must not decide whether the
+    # interrupt test below can interrupt anything.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        probe = [
+            sys.executable,
+            "-c",
+            "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)",
+        ]
+        ignoring = subprocess.run(probe, capture_output=True, text=True, check=True)
+        restored = subprocess.run(
+            probe, capture_output=True, text=True, check=True, preexec_fn=ctrl_c_as_at_a_terminal
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ignoring.stdout.strip() == "False"  # what the child would inherit: no Ctrl-C
+    assert restored.stdout.strip() == "True"
 
 
 def test_interrupted_ingest_finishes_the_rest_on_the_next_run(

@@ -124,6 +124,17 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
             process.wait(timeout=10)
 
 
+def ctrl_c_as_at_a_terminal() -> None:
+    """``preexec_fn`` of a child the tests interrupt with SIGINT, as a user's Ctrl-C would.
+
+    A shell starts a background job with SIGINT ignored, the ignoring survives ``exec``, and
+    Python installs no KeyboardInterrupt handler for a signal ignored at its start (so that
+    ``nohup``-style launches stay immune). A test runner started in the background (a CI
+    script's ``&``) would pass that on to every child, and the Ctrl-C tests would then wait
+    on a command that never hears them; a terminal's foreground job has the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def searchsvc(env: Mapping[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "searchsvc.cli", *args],
@@ -133,4 +144,5 @@ def searchsvc(env: Mapping[str, str], *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=ctrl_c_as_at_a_terminal,
     )
