@@ -325,6 +325,22 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path, net: EmbeddingNet):
     assert str(path) in str(info.value)
 
 
+def test_start_weights_of_another_profile_name_both_sizes(tmp_path: Path, net: EmbeddingNet):
+    # A 32 px checkpoint under the 64 px profile: the error says what differs, and the
+    # net is never half-loaded.
+    weights = tmp_path / "small.safetensors"
+    save_embedder(net, weights)
+    with pytest.raises(ModelError) as info:
+        new_embedding_net(PROFILES["small64"], seed=0, weights=weights)
+    message = str(info.value)
+    assert str(weights) in message
+    assert "made for a 32 px" in message and "configured profile is a 64 px" in message
+    # The same file under its own profile starts a net with its exact weights.
+    started = new_embedding_net(SPEC, seed=99, weights=weights)
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(started.state_dict()[name], tensor), name
+
+
 def test_bare_backbone_safetensors_starts_a_new_net(tmp_path: Path, net: EmbeddingNet):
     weights = tmp_path / "backbone.safetensors"
     save_file({k: v.contiguous() for k, v in net.backbone.state_dict().items()}, str(weights))

@@ -67,7 +67,7 @@ def new_embedding_net(
     torch.manual_seed(seed)  # the random parts (or the whole net) are reproducible
     net = EmbeddingNet(spec, pretrained=spec.hub_pretrained and weights is None)
     if weights is not None:
-        state, _ = (
+        state, config = (
             load_checkpoint(weights)
             if weights.with_suffix(".json").exists()
             else (
@@ -75,8 +75,27 @@ def new_embedding_net(
                 {},
             )
         )
+        _check_spec_fits(config, spec, weights)
         _load_backbone_state(net, state, weights)
     return net
+
+
+def _check_spec_fits(config: dict[str, Any], spec: EmbedderSpec, source: Path) -> None:
+    """Weights made for another architecture fail with what differs, not a key list: a
+    32 px start checkpoint under the 64 px profile is the likely mistake."""
+    if "spec" not in config:
+        return  # a bare file: the state dict's keys and shapes are all there is to check
+    try:
+        made_for = EmbedderSpec.from_json(config["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: malformed embedder config ({exc})") from None
+    wanted = (spec.timm_name, spec.input_size, spec.timm_kwargs, spec.stem)
+    if (made_for.timm_name, made_for.input_size, made_for.timm_kwargs, made_for.stem) != wanted:
+        raise ModelError(
+            f"{source}: made for a {made_for.input_size} px {made_for.timm_name} "
+            f"({made_for.timm_kwargs}, {made_for.stem} stem); the configured profile is a "
+            f"{spec.input_size} px {spec.timm_name} ({spec.timm_kwargs}, {spec.stem} stem)"
+        )
 
 
 def _load_bare_safetensors(path: Path) -> dict[str, torch.Tensor]:
