@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
-from machine import peak_rss_mib
+from machine import SPEED_PROFILE, peak_rss_mib
 
 from searchsvc.app import App
 from searchsvc.core.config import Settings, load_settings
@@ -71,7 +71,7 @@ def worker_env(settings: Settings, threads: int) -> dict[str, str]:
 
 def ingest_mode(catalog: Path, home: Path, broker: str, workers: int) -> dict[str, float]:
     cores = os.cpu_count() or 1
-    env = {"SEARCHSVC_HOME": str(home)}
+    env = {"SEARCHSVC_HOME": str(home), **SPEED_PROFILE}
     if workers:
         env["SEARCHSVC_BROKER_URL"] = broker
     settings = load_settings(env=env)
@@ -131,7 +131,11 @@ def main() -> None:
 
         # Queries against the embedded-mode home, reranked on a real rerank worker.
         settings = load_settings(
-            env={"SEARCHSVC_HOME": str(work / "home-0"), "SEARCHSVC_BROKER_URL": broker}
+            env={
+                "SEARCHSVC_HOME": str(work / "home-0"),
+                "SEARCHSVC_BROKER_URL": broker,
+                **SPEED_PROFILE,
+            }
         )
         settings = dataclasses.replace(settings, rerank_timeout_s=30.0)
         app = App(settings)

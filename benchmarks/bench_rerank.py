@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import SPEED_PROFILE
 
 from searchsvc.app import App
 from searchsvc.core.config import load_settings
@@ -64,7 +65,7 @@ def main() -> None:
             queries_per_product=0,
             cache_dir=work / "cache",
         )
-        settings = load_settings(env={"SEARCHSVC_HOME": str(work / "home")})
+        settings = load_settings(env={"SEARCHSVC_HOME": str(work / "home"), **SPEED_PROFILE})
         app = App(settings)
         app.ingest(catalog)
         embedder = active_version(app.db, ModelKind.EMBEDDER)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import REPO, cpu_name, git_commit, peak_rss_mib
+from machine import REPO, SPEED_PROFILE, cpu_name, git_commit, peak_rss_mib
 
 VIEWS = 4
 QUERIES = 300
@@ -93,7 +93,7 @@ def generate(root: Path, images: int, seed: int = 0) -> dict[str, Any]:
 def _settings(root: Path) -> Any:
     from searchsvc.core.config import load_settings
 
-    env = {"SEARCHSVC_HOME": str(root / "home")}
+    env = {"SEARCHSVC_HOME": str(root / "home"), **SPEED_PROFILE}
     if "SEARCHSVC_VAL_SAMPLE_IMAGES" in os.environ:
         env["SEARCHSVC_VAL_SAMPLE_IMAGES"] = os.environ["SEARCHSVC_VAL_SAMPLE_IMAGES"]
     return load_settings(env=env)

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from machine import REPO, cpu_name, git_commit, peak_rss_mib
+from machine import REPO, SPEED_PROFILE, cpu_name, git_commit, peak_rss_mib
 
 from searchsvc.app import App
 from searchsvc.core.config import load_settings
@@ -56,7 +56,7 @@ CLIENTS = (1, 8, 32)
 def env_for(home: Path, settings: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without its SEARCHSVC_* settings, then ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEARCHSVC_")}
-    env.update(PYTHONPATH=str(REPO), SEARCHSVC_HOME=str(home), **(settings or {}))
+    env.update(PYTHONPATH=str(REPO), SEARCHSVC_HOME=str(home), **SPEED_PROFILE, **(settings or {}))
     return env
 
 
@@ -192,7 +192,7 @@ def main() -> None:
         )
         home = work / "home"
         chosen = {"SEARCHSVC_TORCH_THREADS": str(args.torch_threads)} if args.torch_threads else {}
-        settings = load_settings(env={"SEARCHSVC_HOME": str(home), **chosen})
+        settings = load_settings(env={"SEARCHSVC_HOME": str(home), **SPEED_PROFILE, **chosen})
         app = App(settings)
         summary = app.ingest(catalog)
         embedder = active_version(app.db, ModelKind.EMBEDDER)
