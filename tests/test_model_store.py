@@ -9,11 +9,16 @@ import torch
 from sqlalchemy import select
 
 from searchsvc.app import model_cache
-from searchsvc.core.config import Settings
+from searchsvc.core.config import Settings, load_settings
 from searchsvc.core.errors import ModelError
 from searchsvc.core.profiles import PROFILES
 from searchsvc.jobs.model_files import ensure_active_embedder, register_version
-from searchsvc.models.embedder import load_embedding_net, new_embedding_net, save_embedder
+from searchsvc.models.embedder import (
+    load_embedding_net,
+    new_embedding_net,
+    profile_spec,
+    save_embedder,
+)
 from searchsvc.models.stir import StirConfig, StirNet, save_stir
 from searchsvc.storage.db import Database, ModelKind, ModelVersion
 from searchsvc.storage.versions import activate_version, active_version
@@ -42,7 +47,9 @@ def test_first_embedder_is_created_once_and_written_to_a_file(
     assert first.collection == f"images_v{first.id}"
     # The stored weights are the seeded start: the same seed rebuilds them exactly.
     stored = load_embedding_net(first.file).state_dict()
-    rebuilt = new_embedding_net(PROFILES["small"], seed=settings.seed).state_dict()
+    rebuilt = new_embedding_net(
+        profile_spec(settings.embedder_profile), seed=settings.seed
+    ).state_dict()
     assert all(torch.equal(stored[k], rebuilt[k]) for k in rebuilt)
 
 
@@ -85,6 +92,33 @@ def test_cache_reloads_when_the_active_version_moves(
         active = session.scalars(select(ModelVersion.id).where(ModelVersion.active.is_(True)))
         assert sorted(active) == sorted([v2, s2])  # one active per kind
     assert v1.id != v2
+
+
+def test_a_stir_that_cannot_read_the_stored_pixels_is_refused(home: Path, tmp_path: Path) -> None:
+    settings = load_settings(
+        env={"SEARCHSVC_HOME": str(home), "SEARCHSVC_EMBEDDER_PROFILE": "small64"}
+    )
+    db = Database(settings.sqlalchemy_url)
+    try:
+        # No embedder yet: the profile's first embedder will store 64 px pixels.
+        small_stir = _stir_file(tmp_path / "small.safetensors", 1)
+        with pytest.raises(ModelError, match="reads 32 px images, but the small64 profile"):
+            register_version(db, settings, ModelKind.STIR, small_stir)
+        embedder = ensure_active_embedder(db, settings)
+        with pytest.raises(ModelError) as refused:
+            register_version(db, settings, ModelKind.STIR, small_stir)
+        assert f"embedder v{embedder.id} stores 64 px" in str(refused.value)
+        with db.session() as session:
+            kinds = list(session.scalars(select(ModelVersion.kind)))
+        assert kinds == [ModelKind.EMBEDDER]  # nothing half-registered
+        # A STIR of the embedder's own size is a version like any other.
+        torch.manual_seed(0)
+        net = new_embedding_net(PROFILES["small64"], seed=0)
+        fits = tmp_path / "fits.safetensors"
+        save_stir(StirNet.from_embedder(net, StirConfig(spec=net.spec)), fits)
+        assert register_version(db, settings, ModelKind.STIR, fits) > embedder.id
+    finally:
+        db.dispose()
 
 
 def test_an_unloadable_file_is_refused_before_it_becomes_a_version(

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from searchsvc.core.config import Settings
+from searchsvc.core.errors import ModelError
 from searchsvc.models.embedder import (
     EmbedderSpec,
     EmbeddingNet,
@@ -109,6 +110,7 @@ def register_version(
     config: dict[str, Any]
     if kind == ModelKind.STIR:
         stir_config = load_stir(source).config
+        _check_stir_reads_the_stored_pixels(db, settings, stir_config.spec.input_size, source)
         arch, config = f"stir:{stir_config.spec.timm_name}", {"stir": stir_config.to_json()}
     else:
         embedder_net = load_embedding_net(source)
@@ -128,3 +130,25 @@ def register_version(
     if activate:
         activate_version(db, version_id)
     return version_id
+
+
+def _check_stir_reads_the_stored_pixels(
+    db: Database, settings: Settings, stir_size: int, source: Path
+) -> None:
+    """STIR reads the pixels the ingest stored at the embedder's input size: one of another
+    size would fail every rerank with "pixels not found", so it is refused here."""
+    embedder = active_version(db, ModelKind.EMBEDDER)
+    if embedder is not None:
+        try:
+            stored, owner = int(embedder.config["spec"]["input_size"]), f"embedder v{embedder.id}"
+        except (KeyError, TypeError, ValueError):
+            return  # an unreadable config fails where it is read, with its own message
+    else:
+        stored = profile_spec(settings.embedder_profile).input_size
+        owner = f"the {settings.embedder_profile} profile's first embedder"
+    if stir_size != stored:
+        raise ModelError(
+            f"{source}: this STIR reads {stir_size} px images, but {owner} stores {stored} px "
+            "pixels for the reranker (train STIR from the serving embedder: python -m "
+            "trainer.retrain --only stir)"
+        )
