@@ -12,11 +12,14 @@ if [ -z "${VENV:-}" ]; then
 fi
 export SEARCHSVC_HOME=${SEARCHSVC_HOME:-$PWD/.searchsvc}
 DEMO=${DEMO:-$PWD/demo}
-# The first embedder: the small profile's start checkpoint, trained on Fashion-MNIST's
+# The first embedder: the configured profile's start checkpoint, trained on Fashion-MNIST's
 # TRAIN split by a committed recipe (models/start/README.md); the demo's products come
 # from the TEST split, so it has seen none of them. START_WEIGHTS= (empty) starts from a
-# seeded random init instead. Used only when $SEARCHSVC_HOME has no embedder yet.
-START_WEIGHTS=${START_WEIGHTS-$PWD/models/start/small-fmnist.safetensors}
+# seeded random init instead. Used only when $SEARCHSVC_HOME has no embedder yet. The
+# profile is read from the settings (environment or TOML file), as every command reads it.
+PROFILE=$("$VENV"/bin/python -c \
+    'from searchsvc.core.config import load_settings; print(load_settings().embedder_profile)')
+START_WEIGHTS=${START_WEIGHTS-$PWD/models/start/$PROFILE-fmnist.safetensors}
 if [ -n "$START_WEIGHTS" ] && [ -f "$START_WEIGHTS" ]; then
     export SEARCHSVC_EMBEDDER_WEIGHTS=$START_WEIGHTS
 elif [ -n "$START_WEIGHTS" ]; then

@@ -48,7 +48,7 @@ def test_defaults_without_file_or_variables(tmp_path: Path, monkeypatch: pytest.
     assert settings.device == "auto"
     assert settings.precision == "auto"
     assert settings.index_writer == "auto"
-    assert settings.embedder_profile == "small"
+    assert settings.embedder_profile == "small64"
     assert settings.collection_alias == "images"
     assert settings.max_image_pixels == 40_000_000
     assert settings.max_image_bytes == 50 * 1024 * 1024

@@ -65,8 +65,9 @@ def decoded_images(fragment: str) -> list[Image.Image]:
 
 
 def test_report_before_and_after_stir_with_the_right_product_marked(
-    env_home: Path, catalog: GeneratedCatalog, tmp_path: Path
+    env_home: Path, catalog: GeneratedCatalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SEARCHSVC_EMBEDDER_PROFILE", "small")  # the hand-made STIR's size
     run("ingest", str(catalog.root), "--no-progress")
     queries = next(iter(catalog.held_out.values())).parent
 

@@ -107,6 +107,7 @@ def test_stir_corrects_a_wrong_rank_one_and_falls_back_on_every_failure(
     # `auto` serves STIR in bf16 on CPUs with native bf16, whose rounding can make the
     # two agree to every printed digit.
     monkeypatch.setenv("SEARCHSVC_PRECISION", "fp32")
+    monkeypatch.setenv("SEARCHSVC_EMBEDDER_PROFILE", "small")  # the hand-made STIR's size
     run("ingest", str(catalog.root), "--no-progress")
     query, first_stage = ambiguous_query(catalog, tmp_path)
     assert first_stage["reranked"] is False

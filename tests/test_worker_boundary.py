@@ -36,7 +36,10 @@ def run(*args: str) -> None:
 
 
 @pytest.fixture
-def ingested(env_home: Path, catalog: GeneratedCatalog) -> Iterator[TaskContext]:
+def ingested(
+    env_home: Path, catalog: GeneratedCatalog, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TaskContext]:
+    monkeypatch.setenv("SEARCHSVC_EMBEDDER_PROFILE", "small")  # the hand-made STIRs' size
     run("ingest", str(catalog.root))
     ctx = build_task_context(load_settings())
     yield ctx

@@ -316,7 +316,7 @@ def _register_untrained_stir(home: Path, env: dict[str, str]) -> None:
 def test_rerank_on_a_worker_pool_and_without_one(tmp_path: Path, redis_server: RedisServer) -> None:
     catalog = make_catalog(tmp_path / "catalog", products=10, views=2)
     home = tmp_path / "home"
-    env = cli_env(home)
+    env = cli_env(home, {"SEARCHSVC_EMBEDDER_PROFILE": "small"})  # the untrained STIR's size
     code, output = finish(searchsvc(env, "ingest", str(catalog.root)))
     assert code == 0, output
     _register_untrained_stir(home, env)

@@ -19,6 +19,8 @@ from test_db import PostgresServer, pg_server  # noqa: F401 (the fixture)
 from test_workers_faults import finish, parse_json, redis_server, wait_until  # noqa: F401
 from workers_harness import RedisServer, cli_env, searchsvc, start_worker, stop
 
+from searchsvc.core.config import load_settings
+from searchsvc.core.profiles import PROFILES
 from searchsvc.index import EdgeIndex
 from searchsvc.storage.db import Image, ImageStatus, StoredPixels
 from searchsvc.storage.pixels import FILE_NAME
@@ -85,8 +87,9 @@ def assert_stored_exactly_once(url: str, home: Path, expected: int, root: Path) 
     assert {r.status for r in rows} == {ImageStatus.INDEXED}
     hashes = {r.content_hash for r in rows}
     assert sorted(r.content_hash for r in pixel_rows) == sorted(hashes)  # once each
-    assert {r.size for r in pixel_rows} == {32}
-    assert {r[2] for r in pixel_rows} == {32 * 32 * 3}
+    size = PROFILES[load_settings(env=cluster_env(home, url)).embedder_profile].input_size
+    assert {r.size for r in pixel_rows} == {size}  # the embedder's input, as STIR reads it
+    assert {r[2] for r in pixel_rows} == {size * size * 3}
     with EdgeIndex(home / "qdrant") as index:
         collection = index.resolve_alias("images")
         assert collection is not None

@@ -63,13 +63,17 @@ class Settings:
     file in the media folder, shared by one host's processes; ``postgresql``, the
     ``pixels`` table of ``database_url``, shared by every host of a cluster."""
     collection_alias: str = "images"
-    embedder_profile: str = "small"
+    embedder_profile: str = "small64"
+    """The laptop default: the CPU-sized ViT at 64x64 (``core.profiles``). Against ``small``
+    (32x32) it measured higher CMC@1 on colour photographs at the same ingest speed, and
+    level on grey Fashion-MNIST articles (``benchmarks/results/quality.md``)."""
     embedder_weights: Path | None = None
     """A safetensors file for the first embedder version; none means the profile's own start."""
     device: Device = "auto"
     precision: Precision = "auto"
-    """Autocast dtype: ``auto`` = bf16/fp16 on CUDA, exact fp32 on the CPU (training also
-    bf16 on a CPU with AMX or AVX512-BF16: see ``models.runtime.training_autocast_dtype``)."""
+    """Autocast dtype: ``auto`` = bf16/fp16 on CUDA; on the CPU the embedder exact fp32,
+    training and STIR's scoring bf16 where the CPU has AMX or AVX512-BF16
+    (``models.runtime.training_autocast_dtype``, ``rerank_autocast_dtype``)."""
     torch_threads: int = 0
     """CPU threads of one forward pass; 0 keeps torch's default (one per core). Set 1 where
     the CPU is shared: measured here, a one-image query embedded in 4 ms with 1 thread and in

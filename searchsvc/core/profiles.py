@@ -83,9 +83,13 @@ PROFILES: Mapping[str, EmbedderSpec] = MappingProxyType(
         ),
         # The small profile at twice the input side: 64x64 pixels, a three-layer conv stem
         # (patch 8) down to the same 8x8 token grid, the same width and depth. The blocks
-        # cost what the small profile's cost; only the stem sees 4x the pixels. For
-        # catalogs of colour photographs whose detail 32 px loses. Not yet measured against
-        # the small profile on the quality benchmarks (issue 19): the default stays small.
+        # cost what the small profile's cost; only the stem sees 4x the pixels. The laptop
+        # default (``Settings.embedder_profile``), chosen for colour photographs: against
+        # the small profile at equal steps (2-core Xeon) CMC@1 64.05 vs 61.16 on the
+        # real-photo benchmark (66.13 vs 61.97 with STIR at top 5), ingest at the same
+        # speed. On grey Fashion-MNIST articles it is level: +1.26 after STIR at equal
+        # steps, -0.56 at an equal 10 + 10 minutes (2-core EPYC Zen 4), where small fits
+        # more steps. Figures: benchmarks/results/quality.md.
         "small64": EmbedderSpec(
             timm_name="vit_small_patch16_224",
             input_size=64,
