@@ -85,10 +85,7 @@ def _check_spec_fits(config: dict[str, Any], spec: EmbedderSpec, source: Path) -
     32 px start checkpoint under the 64 px profile is the likely mistake."""
     if "spec" not in config:
         return  # a bare file: the state dict's keys and shapes are all there is to check
-    try:
-        made_for = EmbedderSpec.from_json(config["spec"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{source}: malformed embedder config ({exc})") from None
+    made_for = _spec_of(config, source)
     wanted = (spec.timm_name, spec.input_size, spec.timm_kwargs, spec.stem)
     if (made_for.timm_name, made_for.input_size, made_for.timm_kwargs, made_for.stem) != wanted:
         raise ModelError(
@@ -96,6 +93,14 @@ def _check_spec_fits(config: dict[str, Any], spec: EmbedderSpec, source: Path) -
             f"({made_for.timm_kwargs}, {made_for.stem} stem); the configured profile is a "
             f"{spec.input_size} px {spec.timm_name} ({spec.timm_kwargs}, {spec.stem} stem)"
         )
+
+
+def _spec_of(config: dict[str, Any], source: Path) -> EmbedderSpec:
+    """The architecture an embedder file's JSON config records."""
+    try:
+        return EmbedderSpec.from_json(config["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: malformed embedder config ({exc})") from None
 
 
 def _load_bare_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -127,10 +132,7 @@ def load_embedding_net(path: Path) -> EmbeddingNet:
     state, config = load_checkpoint(path)
     if config.get("kind") != EMBEDDER_KIND:
         raise ModelError(f"{path}: not an embedder file (kind={config.get('kind')!r})")
-    try:
-        spec = EmbedderSpec.from_json(config["spec"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: malformed embedder config ({exc})") from None
+    spec = _spec_of(config, path)
     # Weights come from the file: never fetch the hub's here.
     net = EmbeddingNet(EmbedderSpec(**{**spec.__dict__, "hub_pretrained": False}), pretrained=False)
     _load_backbone_state(net, state, path)
