@@ -3,6 +3,7 @@ attention switch that makes bf16 training fast on a CPU."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from searchsvc.models import runtime
 from searchsvc.models.embedder import Embedder, new_embedding_net, profile_spec
 from searchsvc.models.runtime import (
+    Precision,
     autocast_dtype,
     cpu_has_native_bf16,
     matmul_attention,
@@ -42,26 +44,26 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_training_auto_is_bf16_only_on_a_cpu_with_native_bf16(
-    native_bf16: bool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("rule", [training_autocast_dtype, rerank_autocast_dtype])
+def test_training_and_rerank_auto_are_bf16_only_on_a_cpu_with_native_bf16(
+    rule: Callable[[torch.device, Precision], torch.dtype | None],
+    native_bf16: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
-    assert training_autocast_dtype(CPU, "auto") == (torch.bfloat16 if native_bf16 else None)
-    # Explicit choices are kept, and serving stays exact fp32 on any CPU.
-    assert training_autocast_dtype(CPU, "fp32") is None
-    assert training_autocast_dtype(CPU, "bf16") == torch.bfloat16
+    assert rule(CPU, "auto") == (torch.bfloat16 if native_bf16 else None)
+    # Explicit choices are kept, and the embedder's serving stays exact fp32 on any CPU.
+    assert rule(CPU, "fp32") is None
+    assert rule(CPU, "bf16") == torch.bfloat16
     assert autocast_dtype(CPU, "auto") is None
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_rerank_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_the_embedder_stays_exact(
+def test_the_served_stir_follows_the_rerank_rule_and_the_embedder_stays_exact(
     native_bf16: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
-    assert rerank_autocast_dtype(CPU, "auto") == (torch.bfloat16 if native_bf16 else None)
-    assert rerank_autocast_dtype(CPU, "fp32") is None
-    assert rerank_autocast_dtype(CPU, "bf16") == torch.bfloat16
-    # The served STIR follows it; the embedder (vectors compared with stored ones) does not.
+    # STIR serves by the rerank rule; the embedder (vectors compared with stored ones) does not.
     embedder_net = new_embedding_net(profile_spec("small"), seed=0)
     stir = StirScorer(StirNet.from_embedder(embedder_net, StirConfig(spec=embedder_net.spec)))
     assert stir.dtype == (torch.bfloat16 if native_bf16 else None)
